@@ -1,0 +1,396 @@
+"""The decoder: one transformer for every modality, reading plain tensors.
+
+Design choices:
+- decoder-only, pre-norm (RMSNorm with a learned gain), final RMSNorm, one output head over
+  the shared vocabulary (untied from the input table unless ``tie_embeddings``)
+- discrete ids of every modality through one embedding table; continuous inputs (image
+  patches, audio frames) through one bias-free nn.Linear per modality, written over the
+  id embedding at their positions (one index_put per modality), plus learned row and col
+  embeddings of their 2-D coords
+- a learned modality embedding added at every position (the only per-modality signal a
+  discrete token gets beyond its id; it also stands in for the input projections' bias)
+- rotary positions computed from a ``positions`` tensor [B, T], so they restart for every
+  sample packed into a row; no table, hence no length limit at generation time
+- block-causal attention from ``sample_ids``: packed samples never see each other
+- fused QKV matrix, grouped-query attention (n_kv_head divides n_head), QK-norm (RMSNorm
+  of q and k per head, as Chameleon does to keep mixed-modal training stable), then rotary
+- SwiGLU MLP with one fused gate+up matrix, hidden a multiple of 64 near 8/3 d_model
+- no biases anywhere; F.scaled_dot_product_attention for the attention itself
+- init: normal(0, init_std) for matrices and embeddings; the output projections of
+  attention and MLP scaled by 1/sqrt(2 n_layer) (GPT-2), so every path is live from step 0
+  and the residual stream keeps its size with depth; head std init_std/sqrt(d_model), so the
+  initial logits have std ~init_std at any width and the loss starts at ~ln(vocab)
+- a preallocated KV cache (which also remembers sample ids) for prefill + token-by-token
+  decoding, equal to full recomputation
+- losses in fp32 per token with PaLM's z-loss, so the training side can average per task
+- no device, precision or parallelism code here: compile, FSDP and activation checkpointing
+  are applied from outside, per block (``Decoder.blocks``)
+
+Axis legend: B batch, T tokens in this call, L keys (cached + new), nh query heads,
+nkv key/value heads, hs head size, d d_model, V vocab, N_m continuous inputs of modality m.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from einops import rearrange, repeat
+
+
+@dataclass
+class ModelConfig:
+    """Sizes and switches of the decoder. The defaults are the ~5M-parameter CPU demo."""
+
+    vocab_size: int = 4096
+    """Size of the shared vocabulary: rows of the embedding table and of the output head."""
+    n_layer: int = 4
+    """Number of transformer blocks."""
+    n_head: int = 4
+    """Number of query heads; head size is d_model // n_head."""
+    n_kv_head: int | None = None
+    """Number of key/value heads (grouped-query attention); None means n_head."""
+    d_model: int = 256
+    """Width of the residual stream."""
+    mlp_hidden: int | None = None
+    """Hidden width of the SwiGLU MLP; None means the multiple of 64 at or above 8/3 d_model."""
+    max_seq_len: int = 256
+    """Longest packed row the model is trained on (sizes caches and the FLOPs estimate)."""
+    rope_theta: float = 10000.0
+    """Base of the rotary frequencies."""
+    n_modalities: int = 7
+    """Rows of the learned modality embedding (the tokenizers' MODALITIES, in order)."""
+    continuous: dict[str, int] = field(default_factory=lambda: {"image": 16, "audio": 320})
+    """Continuous modality name -> feature dim; each gets its own input projection."""
+    max_coord: int = 64
+    """Rows of the learned row and col embeddings of continuous inputs; coords are clamped."""
+    qk_norm: bool = True
+    """RMSNorm on queries and keys per head before rotary (Chameleon's stabiliser)."""
+    z_loss: float = 1e-4
+    """Coefficient of PaLM's z-loss, z_loss * logsumexp(logits)^2 per target; 0 disables."""
+    tie_embeddings: bool = False
+    """Share the input embedding table with the output head."""
+    init_std: float = 0.02
+    """Std of the normal init of matrices and embeddings."""
+    norm_eps: float = 1e-5
+    """Epsilon of every RMSNorm."""
+
+    def __post_init__(self) -> None:
+        if self.n_kv_head is None:
+            self.n_kv_head = self.n_head
+        if self.mlp_hidden is None:
+            self.mlp_hidden = 64 * math.ceil(8 * self.d_model / 3 / 64)
+        if self.d_model % self.n_head:
+            raise ValueError(f"d_model {self.d_model} is not divisible by n_head {self.n_head}")
+        if self.n_head % self.n_kv_head:
+            raise ValueError(f"n_head {self.n_head} is not divisible by n_kv_head {self.n_kv_head}")
+        if (self.d_model // self.n_head) % 2:
+            raise ValueError("head size d_model // n_head must be even for rotary embeddings")
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_head
+
+
+# ModelConfig kwargs; configs/*.yaml mirror these. The larger presets take a 32k vocabulary
+# (the real one comes from the tokenizers' Vocab and overrides vocab_size at build time).
+PRESETS: dict[str, dict] = {
+    # ~5.4M parameters: the CPU demo
+    "default": dict(vocab_size=4096, n_layer=4, n_head=4, d_model=256, max_seq_len=256),
+    # ~136M, GPT-2 small shape
+    "small": dict(vocab_size=32768, n_layer=12, n_head=12, d_model=768, max_seq_len=1024),
+    # ~371M, GPT-2 medium shape
+    "base": dict(vocab_size=32768, n_layer=24, n_head=16, d_model=1024, max_seq_len=2048),
+    # ~1.02B, head size 128, 4 key/value heads
+    "1b": dict(vocab_size=32768, n_layer=20, n_head=16, n_kv_head=4, d_model=2048, max_seq_len=2048),
+}
+
+
+def rotary_cos_sin(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of the rotary angles of ``positions`` [B, T] -> two fp32 [B, 1, T, hs/2]."""
+    inv_freq = theta ** -(torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
+    angles = positions.float()[:, None, :, None] * inv_freq  # (B, 1, T, hs/2)
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate the two halves of the last axis of ``x`` [B, h, T, hs] by the given angles."""
+    x1, x2 = x.float().chunk(2, dim=-1)  # (B, h, T, hs/2) each
+    y = torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)  # (B, h, T, hs)
+    return y.to(x.dtype)
+
+
+class KVCache:
+    """Preallocated keys and values of every layer, for prefill then token-by-token decoding.
+
+    ``k[layer]`` and ``v[layer]`` are [B, nkv, max_len, hs]; ``length`` tokens are filled. The
+    sample id of every cached position is kept too, so block-causal masking (e.g. left
+    padding as its own sample) holds across calls. Make one with ``Decoder.new_cache``.
+    """
+
+    def __init__(self, n_layer: int, batch_size: int, n_kv_head: int, max_len: int, head_dim: int,
+                 device=None, dtype=None):
+        shape = (n_layer, batch_size, n_kv_head, max_len, head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)  # (n_layer, B, nkv, max_len, hs)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.sample_ids = torch.zeros(batch_size, max_len, device=device, dtype=torch.long)  # (B, max_len)
+        self.max_len = max_len
+        self.length = 0
+
+    def reset(self) -> None:
+        """Forget everything cached (the memory stays allocated)."""
+        self.length = 0
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write this call's k, v [B, nkv, T, hs] after what is cached; return all [B, nkv, L, hs].
+
+        ``length`` is advanced once per forward by ``advance``, after every layer wrote.
+        """
+        end = self.length + k.size(2)
+        self.k[layer, :, :, self.length:end] = k
+        self.v[layer, :, :, self.length:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+    def advance(self, n: int) -> None:
+        self.length += n
+
+
+class Attention(nn.Module):
+    """Grouped-query self-attention with a fused QKV matrix, QK-norm and rotary positions."""
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
+        self.qkv = nn.Linear(cfg.d_model, (cfg.n_head + 2 * cfg.n_kv_head) * cfg.head_dim, bias=False)
+        self.proj = nn.Linear(cfg.n_head * cfg.head_dim, cfg.d_model, bias=False)
+        self.q_norm = nn.RMSNorm(cfg.head_dim, eps=cfg.norm_eps) if cfg.qk_norm else nn.Identity()
+        self.k_norm = nn.RMSNorm(cfg.head_dim, eps=cfg.norm_eps) if cfg.qk_norm else nn.Identity()
+
+    def forward(self, x, cos, sin, mask=None, kv_cache: KVCache | None = None):
+        q, k, v = self.qkv(x).split(
+            [self.n_head * self.head_dim, self.n_kv_head * self.head_dim, self.n_kv_head * self.head_dim], dim=-1)
+        q = rearrange(q, "b t (h d) -> b h t d", d=self.head_dim)  # (B, nh, T, hs)
+        k = rearrange(k, "b t (h d) -> b h t d", d=self.head_dim)  # (B, nkv, T, hs)
+        v = rearrange(v, "b t (h d) -> b h t d", d=self.head_dim)  # (B, nkv, T, hs)
+        q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if kv_cache is not None:
+            k, v = kv_cache.update(self.layer_idx, k, v)  # (B, nkv, L, hs)
+            k, v = k.to(q.dtype), v.to(q.dtype)
+        if self.n_kv_head != self.n_head:
+            # explicit repeat rather than SDPA's enable_gqa, which not every kernel (nor a mask) supports
+            r = self.n_head // self.n_kv_head
+            k = repeat(k, "b h l d -> b (h r) l d", r=r)  # (B, nh, L, hs)
+            v = repeat(v, "b h l d -> b (h r) l d", r=r)  # (B, nh, L, hs)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)  # (B, nh, T, hs)
+        return self.proj(rearrange(y, "b h t d -> b t (h d)"))  # (B, T, d)
+
+
+class MLP(nn.Module):
+    """SwiGLU: proj(silu(gate) * up), gate and up from one fused matrix."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate_up = nn.Linear(cfg.d_model, 2 * cfg.mlp_hidden, bias=False)
+        self.proj = nn.Linear(cfg.mlp_hidden, cfg.d_model, bias=False)
+
+    def forward(self, x):
+        gate, up = self.gate_up(x).chunk(2, dim=-1)  # (B, T, hidden) each
+        return self.proj(F.silu(gate) * up)  # (B, T, d)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.attn_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.attn = Attention(cfg, layer_idx)
+        self.mlp_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, mask=None, kv_cache: KVCache | None = None):
+        x = x + self.attn(self.attn_norm(x), cos, sin, mask, kv_cache)
+        x = x + self.mlp(self.mlp_norm(x))
+        return x
+
+
+class Decoder(nn.Module):
+    """The model: embeddings of every modality -> n_layer blocks -> logits over the vocabulary.
+
+    Built on the meta device (``with torch.device("meta"):``), move it with
+    ``to_empty(device=...)`` and call ``init_weights()``; it holds no buffers.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        d = cfg.d_model
+        self.wte = nn.Embedding(cfg.vocab_size, d)
+        self.modality_emb = nn.Embedding(cfg.n_modalities, d)
+        self.inputs = nn.ModuleDict({m: nn.Linear(dim, d, bias=False) for m, dim in cfg.continuous.items()})
+        self.row_emb = nn.Embedding(cfg.max_coord, d)
+        self.col_emb = nn.Embedding(cfg.max_coord, d)
+        self.blocks = nn.ModuleList([Block(cfg, i) for i in range(cfg.n_layer)])
+        self.norm = nn.RMSNorm(d, eps=cfg.norm_eps)
+        self.head = nn.Linear(d, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.head.weight = self.wte.weight
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """(Re)initialise every parameter; see the module docstring for the scheme."""
+        cfg = self.cfg
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, mean=0.0, std=cfg.init_std)
+            elif isinstance(module, nn.RMSNorm):
+                nn.init.ones_(module.weight)
+        for block in self.blocks:
+            nn.init.normal_(block.attn.proj.weight, std=cfg.init_std / math.sqrt(2 * cfg.n_layer))
+            nn.init.normal_(block.mlp.proj.weight, std=cfg.init_std / math.sqrt(2 * cfg.n_layer))
+        if not cfg.tie_embeddings:
+            nn.init.normal_(self.head.weight, std=cfg.init_std / math.sqrt(cfg.d_model))
+
+    def num_params(self, non_embedding: bool = False) -> int:
+        """Parameters counted once each (a tied head is not counted twice).
+
+        ``non_embedding`` leaves out the lookup tables (token, modality, row and col
+        embeddings), which cost no FLOPs; a tied token table stays in, being the head.
+        """
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            tables = [self.modality_emb, self.row_emb, self.col_emb]
+            if not self.cfg.tie_embeddings:
+                tables.append(self.wte)
+            n -= sum(t.weight.numel() for t in tables)
+        return n
+
+    def flops_per_token(self, seq_len: int | None = None) -> int:
+        """Training FLOPs per token (forward + backward), the PaLM / nanoGPT estimate.
+
+        6 N (N non-embedding parameters: 2 FLOPs per multiply-add forward, 4 backward) plus
+        12 n_layer d_model seq_len for the attention scores and the weighted sum of values.
+        It counts full causal attention over ``seq_len`` (default max_seq_len); block-causal
+        packing does less, and the input projections only run on continuous positions.
+        """
+        seq_len = seq_len or self.cfg.max_seq_len
+        return 6 * self.num_params(non_embedding=True) + 12 * self.cfg.n_layer * self.cfg.d_model * seq_len
+
+    def new_cache(self, batch_size: int, max_len: int | None = None, device=None, dtype=None) -> KVCache:
+        """An empty KVCache for ``batch_size`` rows and ``max_len`` tokens (default max_seq_len),
+        on the device and dtype of the model's parameters unless given."""
+        w = self.wte.weight
+        cfg = self.cfg
+        return KVCache(cfg.n_layer, batch_size, cfg.n_kv_head, max_len or cfg.max_seq_len, cfg.head_dim,
+                       device=device or w.device, dtype=dtype or w.dtype)
+
+    def embed(self, ids, modality, features=None, feature_index=None, coords=None) -> torch.Tensor:
+        """Input vectors [B, T, d]: id embeddings, replaced by the projected continuous
+        features at ``feature_index`` (plus their row/col embeddings), plus the modality embedding."""
+        B, T = ids.shape
+        x = self.wte(ids)  # (B, T, d)
+        if features:
+            x = rearrange(x, "b t d -> (b t) d")  # (B*T, d)
+            for m, f in features.items():
+                h = self.inputs[m](f.to(x.dtype))  # (N_m, d)
+                if coords is not None and m in coords:
+                    rc = coords[m].clamp(0, self.cfg.max_coord - 1)  # (N_m, 2)
+                    h = h + self.row_emb(rc[:, 0]) + self.col_emb(rc[:, 1])  # (N_m, d)
+                x = x.index_put((feature_index[m],), h.to(x.dtype))  # out of place: autograd-safe
+            x = rearrange(x, "(b t) d -> b t d", b=B)  # (B, T, d)
+        return x + self.modality_emb(modality)  # (B, T, d)
+
+    def attn_mask(self, sample_ids, kv_cache: KVCache | None, T: int, device) -> torch.Tensor | None:
+        """Bool mask [B, 1, T, L] (True = attend), or None for plain causal attention.
+
+        Query i sees key j iff j <= i and both belong to the same sample. The diagonal is
+        always True, so no row is empty and softmax never makes NaNs.
+        """
+        if kv_cache is None:
+            if sample_ids is None:
+                return None  # SDPA's is_causal
+            causal = torch.ones(T, T, dtype=torch.bool, device=device).tril()  # (T, T)
+            same = sample_ids[:, :, None] == sample_ids[:, None, :]  # (B, T, T)
+            return (same & causal)[:, None]  # (B, 1, T, T)
+        start, end = kv_cache.length, kv_cache.length + T
+        if end > kv_cache.max_len:
+            raise ValueError(f"KV cache is full: {start} cached + {T} new > max_len {kv_cache.max_len}")
+        kv_cache.sample_ids[:, start:end] = 0 if sample_ids is None else sample_ids
+        q_pos = torch.arange(start, end, device=device)  # (T,)
+        causal = torch.arange(end, device=device)[None, :] <= q_pos[:, None]  # (T, L)
+        sid = kv_cache.sample_ids[:, :end]  # (B, L)
+        same = sid[:, None, :] == sid[:, start:end, None]  # (B, T, L)
+        return (same & causal)[:, None]  # (B, 1, T, L)
+
+    def forward(self, ids, modality, positions, sample_ids=None, features=None, feature_index=None,
+                coords=None, kv_cache: KVCache | None = None) -> torch.Tensor:
+        """Logits [B, T, V] of the next token at every position.
+
+        Args:
+            ids: int64 [B, T] token ids (any value where a continuous input goes).
+            modality: int64 [B, T] modality index of every position (< n_modalities).
+            positions: int64 [B, T] rotary positions, restarting at 0 for each packed sample.
+            sample_ids: int64 [B, T] which packed sample each position belongs to; attention
+                stays inside a sample. None: one sample per row (plain causal).
+            features: continuous modality name -> float [N_m, dim] inputs.
+            feature_index: name -> int64 [N_m] flat indices into the B*T positions where
+                those inputs go (their id embeddings are replaced).
+            coords: name -> int64 [N_m, 2] (row, col) of each input, clamped to max_coord-1.
+            kv_cache: from ``new_cache``; this call's keys and values are appended and the
+                tokens attend to everything cached before them. Positions are the caller's.
+        """
+        B, T = ids.shape
+        x = self.embed(ids, modality, features, feature_index, coords)  # (B, T, d)
+        cos, sin = rotary_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta)  # (B, 1, T, hs/2)
+        mask = self.attn_mask(sample_ids, kv_cache, T, ids.device)  # (B, 1, T, L) or None
+        for block in self.blocks:
+            x = block(x, cos, sin, mask, kv_cache)  # (B, T, d)
+        if kv_cache is not None:
+            kv_cache.advance(T)
+        return self.head(self.norm(x))  # (B, T, V)
+
+
+def token_loss(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor | None = None,
+               z_loss: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token loss [B, T] in fp32 and the bool mask [B, T] of the tokens it counts.
+
+    loss = weight * (cross_entropy + z_loss * logsumexp(logits)^2), computed in fp32. The
+    second term is PaLM's z-loss: it pulls the softmax normaliser towards 1 (log Z -> 0), which
+    keeps logits from drifting in low precision. Targets equal to -100, and tokens of weight 0,
+    are left out: their loss is exactly 0 and their mask False. Average per task as
+    ``loss[sel].sum() / mask[sel].sum()``.
+
+    Args:
+        logits: [B, T, V] any float dtype.
+        targets: int64 [B, T] next-token ids, -100 where nothing is predicted.
+        weights: float [B, T] per-token loss weights, or None for 1.
+        z_loss: coefficient of the z-loss term; 0 disables it.
+    """
+    logits = logits.float()
+    mask = targets != -100  # (B, T)
+    if weights is not None:
+        mask = mask & (weights != 0)
+    lse = torch.logsumexp(logits, dim=-1)  # (B, T)
+    target_logit = logits.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)  # (B, T)
+    loss = lse - target_logit  # (B, T) cross-entropy
+    if z_loss:
+        loss = loss + z_loss * lse.square()
+    if weights is not None:
+        loss = loss * weights.float()
+    return torch.where(mask, loss, torch.zeros_like(loss)), mask
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Two optimiser groups: weight decay on 2-D weight matrices of linear layers; none on
+    norms, biases and embedding tables (a tied head is the embedding table: no decay)."""
+    tables = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    decay, no_decay, seen = [], [], set()
+    for p in model.parameters():
+        if not p.requires_grad or id(p) in seen:
+            continue
+        seen.add(id(p))
+        (decay if p.ndim >= 2 and id(p) not in tables else no_decay).append(p)
+    return [dict(params=decay, weight_decay=weight_decay), dict(params=no_decay, weight_decay=0.0)]
