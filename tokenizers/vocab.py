@@ -76,3 +76,71 @@ class Vocab:
     @property
     def hash(self) -> str:
         return spec_hash(self.spec())
+
+
+class Tokenizers:
+    """Every tokenizer a run uses, with the shared vocabulary laid out over the discrete ones.
+
+    This is what a checkpoint saves (``state()``) and restores (``from_state``): the specs,
+    and the sentencepiece models as bytes, so a checkpoint alone rebuilds its inputs.
+    """
+
+    def __init__(self, text, code, image, audio, value=None, action=None):
+        from .action import DiscreteActionTokenizer, ValueTokenizer
+
+        self.text, self.code, self.image, self.audio = text, code, image, audio
+        self.value = value if value is not None else ValueTokenizer()
+        self.action = action if action is not None else DiscreteActionTokenizer()
+        self.vocab = Vocab({"text": self.text, "code": self.code, "value": self.value,
+                            "action": self.action})
+
+    @classmethod
+    def build(cls, text_model: bytes, code_model: bytes, image: dict | None = None,
+              audio: dict | None = None, value: dict | None = None,
+              action: dict | None = None) -> "Tokenizers":
+        """From sentencepiece model bytes and keyword settings of the other tokenizers."""
+        from .action import DiscreteActionTokenizer, ValueTokenizer
+        from .audio import AudioTokenizer
+        from .image import ImageTokenizer
+        from .text import SentencePieceTokenizer
+
+        return cls(SentencePieceTokenizer(text_model, kind="text"),
+                   SentencePieceTokenizer(code_model, kind="code"),
+                   ImageTokenizer(**(image or {})), AudioTokenizer(**(audio or {})),
+                   ValueTokenizer(**(value or {})), DiscreteActionTokenizer(**(action or {})))
+
+    @property
+    def continuous_dims(self) -> dict[str, int]:
+        """Feature size of each continuous modality, for the model's input projections."""
+        return {"image": self.image.patch_dim, "audio": self.audio.feature_dim}
+
+    def spec(self) -> dict[str, Any]:
+        return {"vocab": self.vocab.spec(), "image": self.image.spec(), "audio": self.audio.spec()}
+
+    @property
+    def hash(self) -> str:
+        return spec_hash(self.spec())
+
+    def settings(self) -> dict[str, dict]:
+        """Constructor keywords of the non-sentencepiece tokenizers (JSON-safe)."""
+        keep = lambda spec: {k: v for k, v in spec.items() if k not in ("type", "hash")}  # noqa: E731
+        return {"image": keep(self.image.spec()), "audio": keep(self.audio.spec()),
+                "value": keep(self.value.spec()), "action": keep(self.action.spec())}
+
+    def state(self) -> dict[str, Any]:
+        """Checkpoint-safe state: plain types and uint8 tensors only (weights_only loads)."""
+        import torch
+
+        return {
+            "spec": self.spec(), "hash": self.hash, "settings": self.settings(),
+            "text_model": torch.frombuffer(bytearray(self.text.model_proto), dtype=torch.uint8),
+            "code_model": torch.frombuffer(bytearray(self.code.model_proto), dtype=torch.uint8),
+        }
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> "Tokenizers":
+        toks = cls.build(bytes(state["text_model"].numpy().tobytes()),
+                         bytes(state["code_model"].numpy().tobytes()), **state["settings"])
+        if toks.hash != state["hash"]:
+            raise ValueError("the tokenizers rebuilt from this checkpoint do not match its spec hash")
+        return toks

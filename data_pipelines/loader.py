@@ -1,0 +1,304 @@
+"""Streaming: webdataset shards -> samples -> task spans -> packed Batches.
+
+The pipeline of one DataLoader worker on one rank::
+
+    shards (split by rank, then by worker; resampled forever in a seeded order)
+      -> wds.tarfile_to_samples        tar members grouped by key, bytes only
+      -> select                        task known, enabled, and drawn by the mixture
+      -> shuffle buffer
+      -> decode                        json / npy(allow_pickle=False) / raw bytes; nothing else
+      -> task.to_spans                 tokenizers per modality
+      -> Packer                        fixed-length rows, block-causal, few pads
+      -> Batch
+
+Design (after open_clip's webdataset pipeline):
+
+- Disjoint streams: the shard list is split by rank, then by worker (there must be at
+  least ranks x workers shards), so no two ranks or workers ever read the same shard.
+- Seeds come from ``(seed, rank, worker, epoch, resume)``: deterministic per seed, and a
+  resumed run (``resume`` = the global step it restarted from) reads a new stream.
+- Every worker yields exactly ``batches_per_epoch / num_workers`` batches per epoch on
+  every rank (the stream is resampled, so it never runs dry): DDP never hangs at the end
+  of an epoch waiting for a rank with fewer batches.
+- Task mixture: ``weights`` gives each task's share of the samples. With a manifest the
+  natural frequencies are known and acceptance is ``(w / freq) / max(w / freq)``, which
+  yields exactly the weighted mixture; without one, weights scale acceptance directly.
+- Bad data is skipped and counted per reason (``stats``, attached to every batch); when
+  more than ``max_bad_fraction`` of what a shard held fails, a ``DataError`` names it.
+  No member is ever unpickled: only json, npy (allow_pickle=False) and raw bytes for the
+  image/audio tokenizers are decoded; other members are dropped.
+"""
+from __future__ import annotations
+
+import glob
+import io
+import json
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+import webdataset as wds
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from unimodal.tokenizers.vocab import Tokenizers
+
+from .packing import Batch, Packer
+from .tasks import BadSample, get_task
+
+RAW_MEMBERS = ("png", "jpg", "jpeg", "flac", "wav", "ogg")
+
+
+class DataError(RuntimeError):
+    """A shard or shard folder a person pointed us at is unusable (one clear sentence)."""
+
+
+@dataclass
+class DataConfig:
+    """Where the data comes from and how it is mixed and packed."""
+
+    shards: str = "data/demo"
+    """A shard folder built by `unimodal data build` (with manifest.json), a folder of .tar files, or a brace pattern like 'dir/train-{000000..000009}.tar'."""
+    split: str = "train"
+    """Split to train on when `shards` is a built folder."""
+    seq_len: int = 256
+    """Positions per packed row."""
+    batch_size: int = 16
+    """Rows per batch (per rank)."""
+    num_workers: int = 1
+    """DataLoader worker processes per rank (0 = in the main process)."""
+    weights: dict[str, float] = field(default_factory=dict)
+    """Mixture weight per task name (missing = 1.0, 0 disables the task)."""
+    seed: int = 0
+    """Base seed of the stream; ranks, workers and epochs derive theirs from it."""
+    shuffle_buffer: int = 500
+    """Samples held in the shuffle buffer of each worker."""
+    batches_per_epoch: int = 200
+    """Batches every rank yields per epoch (rounded up to a multiple of num_workers)."""
+    max_bad_fraction: float = 0.05
+    """Stop when more than this share of a shard's samples fail to decode."""
+    demo_recipe: str = "demo"
+    """Recipe `python train.py` builds into `shards` when that folder is missing."""
+
+
+def resolve_shards(path: str, split: str) -> tuple[list[str], dict | None]:
+    """The shard files for ``split`` and the manifest, from a folder or a brace pattern."""
+    p = Path(path)
+    if p.is_dir():
+        manifest_path = p / "manifest.json"
+        if manifest_path.exists():
+            try:
+                manifest = json.loads(manifest_path.read_text())
+                files = [str(p / s) for s in manifest["splits"][split]["shards"]]
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise DataError(f"{manifest_path} has no shard list for split {split!r} ({e})") from None
+            return files, manifest
+        files = sorted(glob.glob(str(p / split / "*.tar"))) or sorted(glob.glob(str(p / "*.tar")))
+        if not files:
+            raise DataError(f"no .tar shards in {p} (nor in {p / split})")
+        return files, None
+    files = list(wds.shardlists.expand_urls(path))
+    missing = [f for f in files if "://" not in f and not os.path.exists(f)]
+    if not files or missing:
+        raise DataError(f"no shards found at {path!r}" + (f" (missing: {missing[0]})" if missing else ""))
+    return files, None
+
+
+def decode_sample(sample: dict) -> dict:
+    """Bytes members -> data, without ever running code: json, npy, raw image/audio bytes."""
+    out = {"__key__": sample.get("__key__"), "__url__": sample.get("__url__")}
+    for k, v in sample.items():
+        if k.startswith("__"):
+            continue
+        if k == "json":
+            try:
+                out["json"] = json.loads(v)
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise BadSample("bad_json", str(e)) from None
+            if not isinstance(out["json"], dict):
+                raise BadSample("bad_json", "metadata is not an object")
+        elif k.endswith("npy"):
+            try:
+                out[k] = np.load(io.BytesIO(v), allow_pickle=False)
+            except (ValueError, OSError, EOFError) as e:
+                raise BadSample("bad_npy", str(e)) from None
+        elif k in RAW_MEMBERS:
+            out[k] = v
+        elif k == "txt":
+            out[k] = v.decode("utf-8", errors="replace")
+        # anything else (pyd, pickle, pth, ...) is never decoded
+    if "json" not in out:
+        raise BadSample("missing_json")
+    return out
+
+
+def task_of(raw: dict) -> str | None:
+    """The task name from a sample's undecoded json member (None if unreadable)."""
+    try:
+        meta = json.loads(raw["json"])
+        return meta.get("task") if isinstance(meta, dict) else None
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def mixture_acceptance(weights: dict[str, float], counts: dict[str, int] | None,
+                       tasks: list[str]) -> dict[str, float]:
+    """Per-task probability of keeping a sample so the kept stream follows ``weights``."""
+    w = {t: float(weights.get(t, 1.0)) for t in tasks}
+    if counts:
+        total = sum(counts.get(t, 0) for t in tasks) or 1
+        ratio = {t: w[t] / (counts[t] / total) if counts.get(t) else 0.0 for t in tasks}
+    else:
+        ratio = w
+    top = max(ratio.values(), default=0.0) or 1.0
+    return {t: r / top for t, r in ratio.items()}
+
+
+class StreamDataset(IterableDataset):
+    """An endless, seeded, packed stream of Batches for one rank (see the module docstring).
+
+    Args:
+        cfg: the data settings.
+        toks: the tokenizers of the run.
+        tasks: task names to train on, in the order that ``Batch.task`` indexes.
+        rank, world_size: this process's place (defaults: torch.distributed, else 0 of 1).
+    """
+
+    def __init__(self, cfg: DataConfig, toks: Tokenizers, tasks: list[str],
+                 rank: int | None = None, world_size: int | None = None, split: str | None = None):
+        self.cfg, self.toks, self.tasks = cfg, toks, list(tasks)
+        self.task_index = {t: i for i, t in enumerate(self.tasks)}
+        self.split = split or cfg.split
+        self.urls, manifest = resolve_shards(cfg.shards, self.split)
+        counts = manifest["splits"][self.split].get("samples") if manifest else None
+        self.accept = mixture_acceptance(cfg.weights, counts, self.tasks)
+        if rank is None:
+            dist = torch.distributed.is_available() and torch.distributed.is_initialized()
+            rank = torch.distributed.get_rank() if dist else int(os.environ.get("RANK", 0))
+            world_size = torch.distributed.get_world_size() if dist else int(os.environ.get("WORLD_SIZE", 1))
+        self.rank, self.world_size = rank, world_size or 1
+        workers = max(1, cfg.num_workers)
+        if len(self.urls) < self.world_size * workers:
+            raise DataError(f"{len(self.urls)} shards cannot feed {self.world_size} ranks x {workers} "
+                            f"workers without two of them reading the same shard; write more, smaller "
+                            f"shards or use fewer workers")
+        self.epoch = torch.multiprocessing.Value("i", 0)  # shared with workers, as open_clip does
+        self.resume = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch.value = epoch
+
+    def worker_shards(self, worker: int, num_workers: int) -> list[str]:
+        return self.urls[self.rank::self.world_size][worker::num_workers]
+
+    def batches_per_worker(self, num_workers: int) -> int:
+        return -(-self.cfg.batches_per_epoch // max(1, num_workers))
+
+    def __len__(self) -> int:
+        nw = max(1, self.cfg.num_workers)
+        return self.batches_per_worker(nw) * nw
+
+    def __iter__(self) -> Iterator[Batch]:
+        info = get_worker_info()
+        worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
+        seed = [self.cfg.seed, self.rank, worker, self.epoch.value, self.resume]
+        yield from self.stream(worker, num_workers, np.random.default_rng(seed),
+                               self.batches_per_worker(num_workers))
+
+    def samples(self, urls: list[str], rng: np.random.Generator, stats: Counter) -> Iterator[dict]:
+        """Raw samples from ``urls`` in a seeded endless order, failures counted per shard."""
+        def handler(exn: Exception) -> bool:
+            stats["truncated_or_unreadable_tar"] += 1
+            return True
+
+        while True:
+            read_before = stats["read"]
+            for url in rng.permutation(urls):
+                per_shard = Counter()
+                for raw in wds.tarfile_to_samples(handler=handler)([{"url": str(url)}]):
+                    per_shard["read"] += 1
+                    yield raw, per_shard
+            if stats["read"] == read_before:
+                raise DataError(f"none of the {len(urls)} shards of this worker holds a readable "
+                                f"sample (first: {urls[0]})")
+
+    def stream(self, worker: int, num_workers: int, rng: np.random.Generator,
+               n_batches: int) -> Iterator[Batch]:
+        stats: Counter = Counter()
+        packer = Packer(self.cfg.seq_len, self.cfg.batch_size)
+        buffer: list[dict] = []
+        emitted = 0
+        urls = self.worker_shards(worker, num_workers)
+        for raw, per_shard in self.samples(urls, rng, stats):
+            stats["read"] += 1
+            name = task_of(raw)
+            if name is None:
+                self._bad(stats, per_shard, "bad_json", raw)
+                continue
+            if name not in self.task_index:
+                stats["other_task"] += 1  # held out, disabled or another split's task
+                continue
+            if rng.random() >= self.accept[name]:
+                continue
+            buffer.append(raw)
+            if len(buffer) < self.cfg.shuffle_buffer:
+                continue
+            raw = buffer.pop(int(rng.integers(len(buffer))))
+            try:
+                sample = decode_sample(raw)
+                name = sample["json"]["task"]
+                spans = get_task(name).to_spans(sample, self.toks, rng, max_len=self.cfg.seq_len)
+            except BadSample as e:
+                self._bad(stats, per_shard, e.reason, raw)
+                continue
+            stats["used"] += 1
+            for batch in packer.add(spans, self.task_index[name]):
+                batch.stats = dict(stats, packing_efficiency=packer.efficiency, worker=worker)
+                yield batch
+                emitted += 1
+                if emitted >= n_batches:
+                    return
+
+    def _bad(self, stats: Counter, per_shard: Counter, reason: str, raw: dict) -> None:
+        stats[f"skipped_{reason}"] += 1
+        stats["skipped"] += 1
+        per_shard["bad"] += 1
+        if per_shard["read"] >= 20 and per_shard["bad"] > self.cfg.max_bad_fraction * per_shard["read"]:
+            raise DataError(
+                f"shard {raw.get('__url__')}: {per_shard['bad']} of {per_shard['read']} samples read "
+                f"failed to decode (last reason: {reason}), over the {self.cfg.max_bad_fraction:.0%} limit")
+
+
+def make_loader(cfg: DataConfig, toks: Tokenizers, tasks: list[str], rank: int | None = None,
+                world_size: int | None = None) -> DataLoader:
+    """A DataLoader over ``StreamDataset`` (whole batches, so ``batch_size=None``)."""
+    ds = StreamDataset(cfg, toks, tasks, rank, world_size)
+    return DataLoader(ds, batch_size=None, num_workers=cfg.num_workers,
+                      persistent_workers=False, pin_memory=torch.cuda.is_available(),
+                      prefetch_factor=4 if cfg.num_workers > 0 else None)
+
+
+def iter_split(shards: str, split: str, tasks: list[str] | None = None,
+               stats: Counter | None = None) -> Iterator[dict]:
+    """Every decoded sample of a split once, in shard order (for evaluation).
+
+    Bad samples are skipped and counted in ``stats``; ``tasks`` filters by name.
+    """
+    urls, _ = resolve_shards(shards, split)
+    stats = stats if stats is not None else Counter()
+
+    def handler(exn: Exception) -> bool:
+        stats["truncated_or_unreadable_tar"] += 1
+        return True
+
+    for raw in wds.tarfile_to_samples(handler=handler)([{"url": u} for u in urls]):
+        name = task_of(raw)
+        if tasks is not None and name not in tasks:
+            continue
+        try:
+            yield decode_sample(raw)
+        except BadSample as e:
+            stats[f"skipped_{e.reason}"] += 1

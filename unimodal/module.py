@@ -1,0 +1,304 @@
+"""The LightningModule: losses and metrics per task, the optimiser, what gets logged.
+
+- loss: weighted mean over target tokens of cross-entropy + z-loss (``token_loss``);
+  logged overall and per task (``train/loss/<task>``).
+- metrics: per task, token accuracy of the answer tokens and exact match of whole answers
+  under teacher forcing (``val/acc/<task>``, ``val/exact/<task>``).
+- optimiser: AdamW (fused on CUDA) with decay on matrices only, linear warmup then cosine
+  decay to ``min_lr_ratio * lr``.
+- the checkpoint carries the tokenizers (specs + sentencepiece models as uint8 tensors) and
+  the resolved config, so a checkpoint alone rebuilds model and inputs; everything in it
+  loads with ``torch.load(weights_only=True)``.
+- compile and activation checkpointing are applied to the model's blocks from here, never
+  inside model.py.
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+
+import lightning as L
+import torch
+from lightning.fabric.utilities.throughput import Throughput
+
+from unimodal.data_pipelines.packing import Batch
+from unimodal.model import Decoder, ModelConfig, param_groups, token_loss
+
+
+@dataclass
+class OptimConfig:
+    """AdamW and its schedule."""
+
+    lr: float = 3e-3
+    """Peak learning rate."""
+    min_lr_ratio: float = 0.1
+    """Final learning rate as a fraction of the peak (cosine decay)."""
+    warmup_steps: int = 100
+    """Linear warmup steps."""
+    weight_decay: float = 0.1
+    """Decoupled weight decay on matrices (not norms, embeddings or biases)."""
+    beta1: float = 0.9
+    """AdamW beta1."""
+    beta2: float = 0.95
+    """AdamW beta2."""
+
+
+def lr_lambda(step: int, warmup: int, total: int, min_ratio: float) -> float:
+    """Learning-rate multiplier: linear warmup to 1, cosine decay to ``min_ratio``."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+class _Schedule:
+    """Picklable-free LR lambda (LambdaLR keeps only callable objects' __dict__ in its state)."""
+
+    def __init__(self, warmup: int, total: int, min_ratio: float):
+        self.warmup, self.total, self.min_ratio = warmup, total, min_ratio
+
+    def __call__(self, step: int) -> float:
+        return lr_lambda(step, self.warmup, self.total, self.min_ratio)
+
+
+def per_task(values: torch.Tensor, mask: torch.Tensor, task: torch.Tensor, n_tasks: int):
+    """Sums and counts of ``values`` over ``mask``-ed positions, per task index -> ([n], [n])."""
+    idx = torch.where(mask, task, torch.full_like(task, n_tasks)).flatten().clamp(0, n_tasks)
+    sums = torch.zeros(n_tasks + 1, device=values.device, dtype=torch.float32)
+    counts = torch.zeros(n_tasks + 1, device=values.device, dtype=torch.float32)
+    sums.index_add_(0, idx, values.float().flatten())
+    counts.index_add_(0, idx, mask.float().flatten())
+    return sums[:n_tasks], counts[:n_tasks]
+
+
+class UnimodalModule(L.LightningModule):
+    """Trains one Decoder on a mixture of tasks.
+
+    Args:
+        model: ModelConfig fields (vocab_size and continuous dims already set from the
+            tokenizers).
+        optim: OptimConfig fields.
+        tasks: task names, in the order ``Batch.task`` indexes them.
+        tokenizers: ``Tokenizers.state()``, saved in every checkpoint.
+        max_steps: total optimiser steps (sets the cosine schedule).
+        compile: torch.compile each transformer block.
+        activation_checkpointing: recompute each block's activations in backward.
+        config: the resolved run config (plain dict), saved with the checkpoint.
+    """
+
+    def __init__(self, model: dict, optim: dict, tasks: list[str], tokenizers: dict | None = None,
+                 max_steps: int = 1000, compile: bool = False, activation_checkpointing: bool = False,
+                 config: dict | None = None):
+        super().__init__()
+        self.save_hyperparameters(ignore=["tokenizers"])
+        self.model_cfg = ModelConfig(**model)
+        self.optim_cfg = OptimConfig(**optim)
+        self.tasks = list(tasks)
+        self.tok_state = tokenizers
+        self.model: Decoder | None = None
+        self.flops_per_token = 0
+
+    def configure_model(self) -> None:
+        """Build the decoder (idempotent; Lightning may call this under an FSDP init context)."""
+        if self.model is not None:
+            return
+        self.model = Decoder(self.model_cfg)
+        self.flops_per_token = self.model.flops_per_token(self.model_cfg.max_seq_len)
+        if self.hparams.activation_checkpointing and not self._fsdp():
+            from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+            for i, block in enumerate(self.model.blocks):
+                self.model.blocks[i] = checkpoint_wrapper(block)
+        if self.hparams.compile:
+            for block in self.model.blocks:
+                block.compile(dynamic=False)
+
+    def _fsdp(self) -> bool:
+        try:
+            return "FSDP" in type(self.trainer.strategy).__name__
+        except RuntimeError:
+            return False
+
+    def forward(self, batch: Batch) -> torch.Tensor:
+        return self.model(**batch.model_inputs())
+
+    def transfer_batch_to_device(self, batch, device, dataloader_idx):
+        return batch.to(device, non_blocking=True) if isinstance(batch, Batch) else batch
+
+    def _step(self, batch: Batch):
+        logits = self(batch)  # (B, T, V)
+        loss_tok, mask = token_loss(logits, batch.targets, batch.weights, self.model_cfg.z_loss)
+        loss = loss_tok.sum() / batch.weights[mask].float().sum().clamp_min(1e-6)
+        return logits, loss_tok, mask, loss
+
+    def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
+        logits, loss_tok, mask, loss = self._step(batch)
+        B = batch.ids.shape[0]
+        self.log("train/loss", loss, prog_bar=True, batch_size=B)
+        if self.global_step % max(1, self.trainer.log_every_n_steps) == 0:
+            sums, counts = per_task(loss_tok.detach(), mask, batch.task, len(self.tasks))
+            for i, name in enumerate(self.tasks):
+                if counts[i] > 0:
+                    self.log(f"train/loss/{name}", sums[i] / counts[i], batch_size=B)
+            self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=B)
+            self.log("train/packing_efficiency", batch.efficiency, batch_size=B)
+            for k, v in (batch.stats or {}).items():
+                if k.startswith("skipped") or k in ("read", "used"):
+                    self.log(f"data/{k}", float(v), batch_size=B, reduce_fx="sum")
+        return loss
+
+    def validation_step(self, batch: Batch, batch_idx: int) -> None:
+        self._accumulate(batch)
+
+    def test_step(self, batch: Batch, batch_idx: int) -> None:
+        self._accumulate(batch)
+
+    def _accumulate(self, batch: Batch) -> None:
+        logits, loss_tok, mask, _ = self._step(batch)
+        n = len(self.tasks)
+        correct = (logits.argmax(-1) == batch.targets) & mask
+        loss_s, tok_n = per_task(loss_tok, mask, batch.task, n)
+        acc_s, _ = per_task(correct.float(), mask, batch.task, n)
+        # a sample is exactly right when none of its target tokens is wrong
+        B, T = batch.ids.shape
+        key = torch.where(batch.sample_ids >= 0, batch.sample_ids + T * torch.arange(B, device=self.device)[:, None], -1)
+        wrong = (mask & ~correct).flatten()
+        has_target = mask.flatten()
+        flat_key = key.flatten().clamp_min(0)
+        nkeys = B * T
+        wrong_by = torch.zeros(nkeys, device=self.device).index_add_(0, flat_key, wrong.float())
+        tgt_by = torch.zeros(nkeys, device=self.device).index_add_(0, flat_key, has_target.float())
+        task_by = torch.full((nkeys,), n, device=self.device, dtype=torch.long)
+        task_by.scatter_(0, flat_key[has_target], batch.task.flatten()[has_target])
+        real = tgt_by > 0
+        ex_s, ex_n = per_task((wrong_by == 0).float(), real, task_by, n)
+        acc = self._val_acc
+        for name, t in (("loss", loss_s), ("tokens", tok_n), ("acc", acc_s), ("exact", ex_s), ("samples", ex_n)):
+            acc[name] = acc.get(name, 0) + t
+
+    def on_validation_epoch_start(self) -> None:
+        self._val_acc = {}
+
+    on_test_epoch_start = on_validation_epoch_start
+
+    def _report(self, stage: str) -> dict:
+        acc = self._val_acc
+        if not acc:
+            return {}
+        for k in acc:
+            acc[k] = self.trainer.strategy.reduce(acc[k], reduce_op="sum")
+        out = {}
+        tokens = acc["tokens"]
+        for i, name in enumerate(self.tasks):
+            if tokens[i] > 0:
+                out[name] = {"loss": float(acc["loss"][i] / tokens[i]),
+                             "token_accuracy": float(acc["acc"][i] / tokens[i]),
+                             "exact_match": float(acc["exact"][i] / acc["samples"][i].clamp_min(1)),
+                             "samples": int(acc["samples"][i])}
+                for k, v in out[name].items():
+                    if k != "samples":
+                        self.log(f"{stage}/{k}/{name}", v, sync_dist=False)
+        total = tokens.sum().clamp_min(1)
+        self.log(f"{stage}/loss", float(acc["loss"].sum() / total), prog_bar=True, sync_dist=False)
+        self.last_report = out
+        return out
+
+    def on_validation_epoch_end(self) -> None:
+        self._report("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._report("test")
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        if self.global_step % max(1, self.trainer.log_every_n_steps) == 0:
+            norms = [p.grad.detach().float().norm() for p in self.parameters() if p.grad is not None]
+            if norms:
+                self.log("train/grad_norm", torch.stack(norms).norm())
+
+    def configure_optimizers(self):
+        cfg = self.optim_cfg
+        fused = self.device.type == "cuda"
+        opt = torch.optim.AdamW(param_groups(self.model, cfg.weight_decay), lr=cfg.lr,
+                                betas=(cfg.beta1, cfg.beta2), fused=fused)
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, _Schedule(cfg.warmup_steps, self.hparams.max_steps, cfg.min_lr_ratio))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["tokenizers"] = self.tok_state
+        checkpoint["unimodal_version"] = 1
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.tok_state = checkpoint.get("tokenizers", self.tok_state)
+
+
+class ThroughputCallback(L.Callback):
+    """tokens/s (non-padding and all positions) and MFU, from Lightning's Throughput meter.
+
+    The peak is the device's datasheet figure on CUDA (Lightning's table) and, on CPU, one
+    measured at the start by a large matrix product in the training precision.
+    """
+
+    def __init__(self, window: int = 20):
+        self.window = window
+        self.peak: float | None = None
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        dtype = torch.bfloat16 if "bf16" in str(trainer.precision) else torch.float32
+        self.peak = device_peak_flops(pl_module.device, dtype)
+        self.meter = Throughput(available_flops=self.peak, world_size=trainer.world_size,
+                                window_size=self.window)
+        self.t0, self.tokens, self.positions, self.samples = time.perf_counter(), 0, 0, 0
+        self.step_tokens = 0
+        self.step_positions = 0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.tokens += batch.num_tokens
+        self.positions += batch.ids.numel()
+        self.samples += batch.num_samples
+        if (batch_idx + 1) % trainer.accumulate_grad_batches:
+            return
+        t = time.perf_counter() - self.t0
+        self.meter.update(time=t, batches=trainer.global_step, samples=self.samples,
+                          lengths=self.positions,
+                          flops=pl_module.flops_per_token * self.positions)
+        metrics = self.meter.compute()
+        if "device/items_per_sec" in metrics or "device/samples_per_sec" in metrics:
+            tok_s = self.tokens / t
+            pl_module.log("perf/tokens_per_s", tok_s, batch_size=1, prog_bar=True)
+            pl_module.log("perf/positions_per_s", metrics.get("device/items_per_sec", 0.0), batch_size=1)
+            if "device/mfu" in metrics:
+                pl_module.log("perf/mfu", metrics["device/mfu"], batch_size=1)
+        self.tokens_per_s = self.tokens / t
+
+
+_PEAK_CACHE: dict = {}
+
+
+def device_peak_flops(device: torch.device, dtype: torch.dtype) -> float | None:
+    """Peak FLOP/s: Lightning's datasheet table on CUDA, a measured matmul on CPU."""
+    key = (str(device), dtype)
+    if key in _PEAK_CACHE:
+        return _PEAK_CACHE[key]
+    if device.type == "cuda":
+        from lightning.fabric.utilities.throughput import get_available_flops
+        peak = get_available_flops(device, dtype)
+    else:
+        peak = measure_matmul_flops(dtype)
+    _PEAK_CACHE[key] = peak
+    return peak
+
+
+def measure_matmul_flops(dtype: torch.dtype = torch.bfloat16, n: int = 2048, repeats: int = 5) -> float:
+    """Measured FLOP/s of an n x n matrix product on this CPU (median of ``repeats``)."""
+    a = torch.randn(n, n, dtype=dtype)
+    b = torch.randn(n, n, dtype=dtype)
+    a @ b  # warm-up
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - t)
+    times.sort()
+    return 2 * n**3 / times[len(times) // 2]
