@@ -1,0 +1,162 @@
+"""The `unimodal` command: data | train | tasks | tokenizer | prompt | eval | bench | experiment.
+
+Errors a person can cause (a bad flag, a missing file, an unknown task) print one line on
+stderr and exit with status 2; ``--debug`` anywhere on the line shows the traceback.
+"""
+from __future__ import annotations
+
+import sys
+import warnings
+
+USAGE = """usage: unimodal <command> [options]
+
+commands:
+  data build|list   write webdataset shards from a recipe (unimodal data build --recipe demo --out data/demo)
+  train             train a model (same as python train.py; --help lists every option)
+  tasks             list the registered tasks and their instructions
+  tokenizer train   train a sentencepiece model for text or code
+  prompt            ask a checkpoint to do a task on your inputs
+  eval              evaluate a checkpoint on a split
+  bench             measure speed against a peer and the machine
+  experiment        one-vs-many: specialists per task against one generalist
+
+`unimodal <command> --help` for the options of each.
+"""
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    errors: list[type[BaseException]] = []
+    from unimodal.data_pipelines.loader import DataError
+    from unimodal.training import ConfigError
+    errors += [DataError, ConfigError]
+    for mod, names in (("unimodal.data_pipelines.shards", ("DataBuildError",)),
+                       ("unimodal.generate", ("CheckpointError", "InputError"))):
+        try:
+            m = __import__(mod, fromlist=list(names))
+            errors += [getattr(m, n) for n in names if hasattr(m, n)]
+        except ImportError:
+            pass
+    return tuple(errors)
+
+
+def train_parser():
+    from jsonargparse import ActionConfigFile, ArgumentParser, set_parsing_settings
+
+    from unimodal.training import TrainConfig
+
+    set_parsing_settings(docstring_parse_attribute_docstrings=True)
+    parser = ArgumentParser(
+        prog="train.py", exit_on_error=False,
+        description="Train one decoder on every task. With no arguments: builds the demo shards "
+                    "if missing, trains the CPU demo config, evaluates on the test split.")
+    parser.add_argument("--config", action=ActionConfigFile, help="YAML config file (configs/*.yaml).")
+    parser.add_class_arguments(TrainConfig)
+    return parser
+
+
+def cmd_train(argv: list[str]) -> int:
+    import argparse
+
+    from unimodal.training import TrainConfig, run
+
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    parser = train_parser()
+    try:
+        ns = parser.parse_args(argv)
+    except argparse.ArgumentError as e:
+        msg = str(e).splitlines()[0] if str(e) else "invalid arguments"
+        print(f"error: {msg} (see python train.py --help)", file=sys.stderr)
+        return 2
+    cfg_ns = ns.clone()
+    del cfg_ns["config"]
+    cfg: TrainConfig = parser.instantiate(cfg_ns) if hasattr(parser, "instantiate") else parser.instantiate_classes(cfg_ns)
+    cfg = TrainConfig(**{k: getattr(cfg, k) for k in vars(cfg) if k in TrainConfig.__dataclass_fields__})
+    run(cfg)
+    return 0
+
+
+def cmd_tasks(argv: list[str]) -> int:
+    import argparse
+    import json
+
+    from unimodal.data_pipelines.tasks import TASKS
+
+    p = argparse.ArgumentParser(prog="unimodal tasks", description="List the registered tasks.")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    args = p.parse_args(argv)
+    rows = {n: {"instruction": t.instruction, "output": t.output, "held_out": t.held_out}
+            for n, t in TASKS.items()}
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    width = max(map(len, rows))
+    print(f"{'task':<{width}}  {'output':<6}  instruction")
+    for n, r in rows.items():
+        tag = "  (held out: test only)" if r["held_out"] else ""
+        print(f"{n:<{width}}  {r['output']:<6}  {r['instruction']}{tag}")
+    return 0
+
+
+def cmd_data(argv: list[str]) -> int:
+    from unimodal.data_pipelines.__main__ import main as data_main
+    return data_main(argv)
+
+
+def cmd_tokenizer(argv: list[str]) -> int:
+    from unimodal.tokenizers.text import main as tok_main
+    if argv[:1] == ["train"]:
+        argv = argv[1:]
+    return tok_main(["train", *argv])
+
+
+def _optional(module: str, func: str, argv: list[str]) -> int:
+    try:
+        m = __import__(module, fromlist=[func])
+    except ImportError as e:
+        print(f"error: this command is not available in this build ({e})", file=sys.stderr)
+        return 2
+    return getattr(m, func)(argv)
+
+
+COMMANDS = {
+    "train": cmd_train,
+    "tasks": cmd_tasks,
+    "data": cmd_data,
+    "tokenizer": cmd_tokenizer,
+    "prompt": lambda a: _optional("unimodal.prompting", "prompt_main", a),
+    "eval": lambda a: _optional("unimodal.prompting", "eval_main", a),
+    "bench": lambda a: _optional("unimodal.bench", "main", a),
+    "experiment": lambda a: _optional("unimodal.experiment", "main", a),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0 if argv else 2
+    cmd, rest = argv[0], argv[1:]
+    if cmd not in COMMANDS:
+        print(f"error: unknown command {cmd!r}; choose one of {', '.join(COMMANDS)}", file=sys.stderr)
+        return 2
+    try:
+        return COMMANDS[cmd](rest)
+    except _user_errors() as e:
+        if debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def train_main() -> None:
+    """Entry of `python train.py`: the `unimodal train` command."""
+    sys.exit(main(["train", *sys.argv[1:]]))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

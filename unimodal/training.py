@@ -1,0 +1,467 @@
+"""Everything `python train.py` does: config, data, Trainer, checkpoints, logging, evaluation.
+
+The same entry runs on a laptop CPU, one GPU, or many nodes (torchrun / SLURM): devices,
+nodes, precision and strategy come from the config; the model never knows.
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import json
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from unimodal.data_pipelines.loader import DataConfig, DataError, SplitDataset, StreamDataset, resolve_shards
+from unimodal.data_pipelines.tasks import get_task
+from unimodal.model import ModelConfig
+from unimodal.module import OptimConfig
+from unimodal.tokenizers.vocab import Tokenizers
+
+
+class ConfigError(ValueError):
+    """A setting a person chose cannot work (one clear sentence)."""
+
+
+@dataclass
+class TrainerConfig:
+    """Devices, precision, parallelism and the loop's length (Lightning Trainer settings)."""
+
+    max_steps: int = 1500
+    """Optimiser steps to train for."""
+    max_minutes: float | None = None
+    """Stop after this many minutes of training, whatever the step (None: no limit)."""
+    accelerator: str = "auto"
+    """cpu, gpu/cuda, or auto."""
+    devices: int | str = "auto"
+    """Devices per node (int or 'auto')."""
+    num_nodes: int = 1
+    """Nodes in the job (torchrun --nnodes / SLURM --nodes)."""
+    strategy: str = "auto"
+    """auto, ddp or fsdp (FSDP wraps each transformer block)."""
+    precision: str = "auto"
+    """auto (bf16-mixed on GPUs and on CPUs with bf16 matrix units, else 32-true) or any Lightning precision."""
+    gradient_clip_val: float = 1.0
+    """Clip the global gradient norm to this (0 disables)."""
+    accumulate_grad_batches: int = 1
+    """Micro-batches per optimiser step."""
+    log_every_n_steps: int = 25
+    """Log (and print) metrics every this many steps."""
+    val_every_n_steps: int = 500
+    """Validate every this many steps (and at the end)."""
+    val_batches: int = 8
+    """Batches of the validation stream per validation."""
+    compile: bool = False
+    """torch.compile each transformer block."""
+    activation_checkpointing: bool = False
+    """Recompute block activations in backward (saves memory, costs ~30% compute)."""
+    timeout_s: int = 600
+    """Seconds a rank waits in a collective before the job fails (a dead rank never hangs the others)."""
+
+
+@dataclass
+class TrainConfig:
+    """A training run. Every field can be set in a YAML file (--config) or as --a.b=value."""
+
+    run_name: str | None = None
+    """Name of the run directory under out_dir (default: the start time)."""
+    out_dir: str = "runs"
+    """Where runs/<run_name>/ (checkpoints, config.yaml, eval.json) and runs/latest go."""
+    seed: int = 0
+    """Seed of the model init and the data stream."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The decoder (vocab_size, continuous dims and max_seq_len are set from the data)."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Shards, mixture and packing."""
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    """AdamW and its schedule."""
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    """Devices, precision, parallelism, loop length."""
+    tasks: list[str] | None = None
+    """Tasks to train on (default: every task of the train split, held-out ones excluded)."""
+    ckpt_every: int = 250
+    """Save a checkpoint every this many steps (and at the end)."""
+    ckpt_path: str | None = None
+    """Resume from 'last' (this run's last.ckpt, or runs/latest's) or a checkpoint file."""
+    logger: bool = True
+    """Log to Weights & Biases (offline without an API key; WANDB_MODE is honoured)."""
+    wandb_project: str = "unimodal"
+    """W&B project name."""
+    evaluate: bool = True
+    """Evaluate on the test split at the end and write eval.json."""
+    eval_max_samples: int | None = 200
+    """Cap on evaluated samples per task (None: the whole split)."""
+    eval_episodes: int = 20
+    """Closed-loop episodes per control task in the final evaluation."""
+
+
+# ----------------------------------------------------------------------------- helpers
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU multiplies bf16 matrices natively (AMX or AVX512-BF16)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def resolve_precision(precision: str, accelerator: str) -> str:
+    if precision != "auto":
+        return precision
+    on_gpu = torch.cuda.is_available() and accelerator in ("auto", "gpu", "cuda")
+    if on_gpu:
+        return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
+    return "bf16-mixed" if cpu_has_bf16() else "32-true"
+
+
+def is_rank_zero() -> bool:
+    return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", 0))) == 0 and \
+        int(os.environ.get("LOCAL_RANK", 0)) == 0
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def point_latest(out_dir: Path, run_name: str) -> None:
+    """Atomically make out_dir/latest a symlink to the run."""
+    link = out_dir / "latest"
+    tmp = out_dir / f".latest.tmp-{os.getpid()}"
+    with contextlib.suppress(FileNotFoundError):
+        tmp.unlink()
+    tmp.symlink_to(run_name, target_is_directory=True)
+    os.replace(tmp, link)
+
+
+def ensure_data(cfg: TrainConfig) -> None:
+    """Build the demo shards when the default folder is missing (rank 0; others wait)."""
+    shards = Path(cfg.data.shards)
+    if (shards / "manifest.json").exists() or "{" in cfg.data.shards or (shards.is_dir() and any(shards.glob("**/*.tar"))):
+        return
+    if cfg.data.shards != DataConfig.shards:
+        raise ConfigError(f"no shards at {cfg.data.shards!r}; build them with "
+                          f"`unimodal data build --recipe NAME --out {cfg.data.shards}`")
+    if is_rank_zero():
+        from unimodal.data_pipelines.shards import build
+        print(f"building the {cfg.data.demo_recipe!r} shards into {shards} (once; cached) ...", flush=True)
+        t = time.perf_counter()
+        build(cfg.data.demo_recipe, shards, command="python train.py (auto build)")
+        print(f"built {shards} in {time.perf_counter() - t:.0f} s", flush=True)
+    else:
+        deadline = time.time() + 3600
+        while not (shards / "manifest.json").exists():
+            if time.time() > deadline:
+                raise DataError(f"rank 0 did not finish building {shards} within an hour")
+            time.sleep(5)
+
+
+def load_tokenizers(shards: str, manifest: dict | None) -> Tokenizers:
+    """The run's tokenizers: sentencepiece models from the shard folder, defaults otherwise."""
+    root = Path(shards) if Path(shards).is_dir() else Path(shards).parent.parent
+    text, code = root / "text.model", root / "code.model"
+    if not text.exists() or not code.exists():
+        raise ConfigError(f"{root} lacks text.model/code.model; shards built by `unimodal data build` "
+                          f"carry them (train your own with `unimodal tokenizer train`)")
+    settings = (manifest or {}).get("tokenizer_settings", {})
+    return Tokenizers.build(text.read_bytes(), code.read_bytes(), **settings)
+
+
+def choose_tasks(cfg: TrainConfig, manifest: dict | None) -> list[str]:
+    if cfg.tasks:
+        tasks = list(cfg.tasks)
+    elif manifest:
+        tasks = sorted(manifest["splits"][cfg.data.split]["samples"])
+    else:
+        raise ConfigError("without a manifest.json, list the tasks to train on with --tasks")
+    for t in tasks:
+        try:
+            get_task(t)
+        except KeyError as e:
+            raise ConfigError(str(e.args[0])) from None
+    return [t for t in tasks if not get_task(t).held_out and cfg.data.weights.get(t, 1.0) > 0]
+
+
+def model_config(cfg: TrainConfig, toks: Tokenizers) -> ModelConfig:
+    """The configured model with what the data fixes: vocabulary, feature dims, row length."""
+    kw = asdict(cfg.model)
+    kw.update(vocab_size=toks.vocab.size, continuous=toks.continuous_dims, max_seq_len=cfg.data.seq_len)
+    return ModelConfig(**kw)
+
+
+def resolve_ckpt(cfg: TrainConfig, run_dir: Path) -> str | None:
+    if cfg.ckpt_path is None:
+        return None
+    if cfg.ckpt_path == "last":
+        path = run_dir / "checkpoints" / "last.ckpt"
+        if not path.exists():
+            raise ConfigError(f"--ckpt_path=last: no {path} to resume from")
+        return str(path)
+    if not Path(cfg.ckpt_path).exists():
+        raise ConfigError(f"checkpoint {cfg.ckpt_path} does not exist")
+    return cfg.ckpt_path
+
+
+# ----------------------------------------------------------------------------- Lightning parts
+
+def _lightning():
+    import lightning as L
+    from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+    class AtomicCheckpointIO(TorchCheckpointIO):
+        """Checkpoints written to a temp file, fsynced, then renamed: a kill never leaves a
+        truncated checkpoint. Loads with weights_only=True: nothing in one is ever unpickled."""
+
+        def save_checkpoint(self, checkpoint, path, storage_options=None):
+            path = Path(path)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+            with open(tmp, "wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+
+        def load_checkpoint(self, path, map_location=None, weights_only=True):
+            return torch.load(path, map_location=map_location or "cpu", weights_only=True)
+
+    class StreamDataModule(L.LightningDataModule):
+        """Train stream (resumable: its seeds move on with the restored step), val stream."""
+
+        def __init__(self, cfg: DataConfig, toks: Tokenizers, tasks: list[str], val_batches: int):
+            super().__init__()
+            self.cfg, self.toks, self.tasks, self.val_batches = cfg, toks, tasks, val_batches
+            self.train_ds: StreamDataset | None = None
+            self.counters: dict = {}
+
+        def train_dataloader(self):
+            from torch.utils.data import DataLoader
+            self.train_ds = StreamDataset(self.cfg, self.toks, self.tasks)
+            self.train_ds.resume = self.trainer.global_step if self.trainer else 0
+            return DataLoader(self.train_ds, batch_size=None, num_workers=self.cfg.num_workers,
+                              pin_memory=torch.cuda.is_available(),
+                              prefetch_factor=4 if self.cfg.num_workers else None)
+
+        def val_dataloader(self):
+            from dataclasses import replace
+            from torch.utils.data import DataLoader
+            vcfg = replace(self.cfg, split="val", seed=self.cfg.seed + 1_000_003,
+                           batches_per_epoch=self.val_batches, num_workers=0, shuffle_buffer=50)
+            try:
+                ds = StreamDataset(vcfg, self.toks, self.tasks)
+            except DataError:
+                return []
+            return DataLoader(ds, batch_size=None, num_workers=0)
+
+    class EpochCallback(L.Callback):
+        """Tells the stream the epoch (a shared value the workers read, as open_clip does)."""
+
+        def on_train_epoch_start(self, trainer, pl_module):
+            dm = trainer.datamodule
+            if dm is not None and dm.train_ds is not None:
+                dm.train_ds.set_epoch(trainer.current_epoch)
+
+    class PrintCallback(L.Callback):
+        """One plain line per log interval: step, loss, lr, tokens/s, MFU, data counters."""
+
+        def __init__(self, every: int):
+            self.every = every
+            self.t0 = None
+
+        def on_train_start(self, trainer, pl_module):
+            self.t0 = time.perf_counter()
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            step = trainer.global_step
+            if not trainer.is_global_zero or step % self.every or step == getattr(self, "_last", -1):
+                return
+            self._last = step
+            m = trainer.callback_metrics
+            fmt = lambda k, f: (f.format(float(m[k])) if k in m else "-")  # noqa: E731
+            st = batch.stats or {}
+            print(f"step {step:>6} | loss {fmt('train/loss', '{:.4f}')} | lr {fmt('train/lr', '{:.2e}')} | "
+                  f"tok/s {fmt('perf/tokens_per_s', '{:,.0f}')} | mfu {fmt('perf/mfu', '{:.3f}')} | "
+                  f"pack {batch.efficiency:.2f} | skipped {st.get('skipped', 0)} | "
+                  f"{time.perf_counter() - self.t0:.0f}s", flush=True)
+
+    return L, AtomicCheckpointIO, StreamDataModule, EpochCallback, PrintCallback
+
+
+def make_logger(cfg: TrainConfig, run_dir: Path, resolved: dict):
+    if not cfg.logger:
+        return False
+    from lightning.pytorch.loggers import WandbLogger
+
+    if "WANDB_MODE" not in os.environ and not os.environ.get("WANDB_API_KEY"):
+        netrc = Path.home() / ".netrc"
+        has_login = netrc.exists() and "api.wandb.ai" in netrc.read_text(errors="ignore")
+        if not has_login:
+            os.environ["WANDB_MODE"] = "offline"
+    os.environ.setdefault("WANDB_SILENT", "true")
+    logger = WandbLogger(project=cfg.wandb_project, name=cfg.run_name, save_dir=str(run_dir),
+                         config=resolved, log_model=False)
+    return logger
+
+
+def make_strategy(cfg: TrainerConfig):
+    timeout = dt.timedelta(seconds=cfg.timeout_s)
+    if cfg.strategy == "ddp":
+        from lightning.pytorch.strategies import DDPStrategy
+        return DDPStrategy(timeout=timeout)
+    if cfg.strategy == "fsdp":
+        from lightning.pytorch.strategies import FSDPStrategy
+        from unimodal.model import Block
+        return FSDPStrategy(auto_wrap_policy={Block}, timeout=timeout,
+                            activation_checkpointing_policy={Block} if cfg.activation_checkpointing else None,
+                            sharding_strategy="FULL_SHARD", state_dict_type="full")
+    if cfg.strategy == "auto":
+        return "auto"
+    raise ConfigError(f"unknown strategy {cfg.strategy!r}; use auto, ddp or fsdp")
+
+
+def run(cfg: TrainConfig) -> dict:
+    """Train (and evaluate) one run; returns {'run_dir', 'ckpt', 'eval'}."""
+    L, AtomicCheckpointIO, StreamDataModule, EpochCallback, PrintCallback = _lightning()
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from unimodal.module import ThroughputCallback, UnimodalModule
+
+    if cfg.trainer.accelerator in ("cpu", "auto") and not torch.cuda.is_available():
+        torch.set_flush_denormal(True)  # denormals in AdamW made CPU steps 16x slower here
+        torch.set_num_threads(max(1, torch.get_num_threads()))
+    else:
+        torch.set_float32_matmul_precision("high")
+    out_dir = Path(cfg.out_dir)
+    if cfg.ckpt_path == "last" and cfg.run_name is None and (out_dir / "latest").exists():
+        cfg.run_name = os.path.basename(os.readlink(out_dir / "latest"))
+    cfg.run_name = cfg.run_name or os.environ.get("UNIMODAL_RUN_NAME") or dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    run_dir = out_dir / cfg.run_name
+    ckpt = resolve_ckpt(cfg, run_dir)
+    ensure_data(cfg)
+    files, manifest = resolve_shards(cfg.data.shards, cfg.data.split)
+    toks = load_tokenizers(cfg.data.shards, manifest)
+    tasks = choose_tasks(cfg, manifest)
+    mcfg = model_config(cfg, toks)
+    resolved = to_dict(cfg)
+    resolved["model"] = asdict(mcfg)
+    resolved["tasks"] = tasks
+    if is_rank_zero():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        import yaml
+        atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(resolved, sort_keys=False))
+        point_latest(out_dir, cfg.run_name)
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    module = UnimodalModule(model=asdict(mcfg), optim=asdict(cfg.optim), tasks=tasks,
+                            tokenizers=toks.state(), max_steps=cfg.trainer.max_steps,
+                            compile=cfg.trainer.compile,
+                            activation_checkpointing=cfg.trainer.activation_checkpointing,
+                            config=resolved)
+    dm = StreamDataModule(cfg.data, toks, tasks, cfg.trainer.val_batches)
+    tc = cfg.trainer
+    precision = resolve_precision(tc.precision, tc.accelerator)
+    ckpt_cb = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="step-{step:06d}",
+                              every_n_train_steps=cfg.ckpt_every, save_last=True, save_top_k=1,
+                              monitor="step", mode="max", auto_insert_metric_name=False)
+    callbacks = [ckpt_cb, ThroughputCallback(), EpochCallback(), PrintCallback(tc.log_every_n_steps)]
+    max_time = dt.timedelta(minutes=tc.max_minutes) if tc.max_minutes else None
+    trainer = L.Trainer(
+        accelerator=tc.accelerator, devices=tc.devices, num_nodes=tc.num_nodes,
+        strategy=make_strategy(tc), precision=precision, max_steps=tc.max_steps, max_time=max_time,
+        gradient_clip_val=tc.gradient_clip_val or None, accumulate_grad_batches=tc.accumulate_grad_batches,
+        log_every_n_steps=tc.log_every_n_steps, val_check_interval=tc.val_every_n_steps,
+        check_val_every_n_epoch=None, limit_val_batches=tc.val_batches,
+        logger=make_logger(cfg, run_dir, resolved), callbacks=callbacks,
+        plugins=[AtomicCheckpointIO()], default_root_dir=str(run_dir),
+        enable_progress_bar=sys.stdout.isatty(), enable_model_summary=False,
+        num_sanity_val_steps=0, use_distributed_sampler=False,
+    )
+    if trainer.is_global_zero:
+        n = sum(p.numel() for p in _count_model(mcfg))
+        print(f"run {cfg.run_name}: {n / 1e6:.2f}M parameters, {len(tasks)} tasks, precision {precision}, "
+              f"{trainer.world_size} process(es), data {cfg.data.shards}", flush=True)
+        if ckpt:
+            print(f"resuming from {ckpt}", flush=True)
+    trainer.fit(module, datamodule=dm, ckpt_path=ckpt)
+    if ckpt and trainer.is_global_zero:
+        print(f"restored checkpoint {ckpt}; trained to step {trainer.global_step}", flush=True)
+    last = run_dir / "checkpoints" / "last.ckpt"
+    result = {"run_dir": str(run_dir), "ckpt": str(last), "eval": None}
+    if cfg.evaluate and trainer.is_global_zero:
+        result["eval"] = final_evaluation(cfg, module, toks, run_dir, trainer)
+    return result
+
+
+def _count_model(mcfg: ModelConfig):
+    from unimodal.model import Decoder
+    with torch.device("meta"):
+        return list(Decoder(mcfg).parameters())
+
+
+def to_dict(cfg) -> dict:
+    return json.loads(json.dumps(asdict(cfg), default=str))
+
+
+def final_evaluation(cfg: TrainConfig, module, toks: Tokenizers, run_dir: Path, trainer) -> dict:
+    """Evaluate on the test split, print a Markdown table, write run_dir/eval.json."""
+    try:
+        from unimodal.evaluate import evaluate, markdown_table, write_json
+        from unimodal.generate import Unimodal
+    except ImportError:
+        evaluate = None
+    t = time.perf_counter()
+    if evaluate is not None:
+        model = Unimodal.from_checkpoint(run_dir / "checkpoints" / "last.ckpt")
+        results = evaluate(model, cfg.data.shards, split="test", episodes=cfg.eval_episodes,
+                           max_samples_per_task=cfg.eval_max_samples)
+    else:
+        results = teacher_forced_eval(cfg, module, toks)
+        markdown_table = _table
+        write_json = lambda r, p: atomic_write_text(Path(p), json.dumps(r, indent=2))  # noqa: E731
+    results.setdefault("meta", {})["seconds"] = round(time.perf_counter() - t, 1)
+    write_json(results, run_dir / "eval.json")
+    print(markdown_table(results), flush=True)
+    print(f"wrote {run_dir / 'eval.json'}", flush=True)
+    if trainer.logger:
+        with contextlib.suppress(Exception):
+            flat = {f"eval/{k}/{task}": v for task, ms in results["tasks"].items()
+                    for k, v in ms.items() if isinstance(v, (int, float))}
+            trainer.logger.log_metrics(flat, step=trainer.global_step)
+    return results
+
+
+def teacher_forced_eval(cfg: TrainConfig, module, toks: Tokenizers) -> dict:
+    """Per-task loss, answer-token accuracy and exact match on the test split."""
+    from unimodal.module import UnimodalModule  # noqa: F401
+    tasks_all = module.tasks
+    ds = SplitDataset(cfg.data.shards, "test", toks, tasks_all, cfg.data.seq_len,
+                      cfg.data.batch_size, max_samples=cfg.eval_max_samples)
+    module.eval()
+    module._val_acc = {}
+    with torch.no_grad():
+        for batch in ds:
+            module._accumulate(batch.to(module.device))
+    acc = module._val_acc
+    out = {}
+    for i, name in enumerate(tasks_all):
+        if acc and acc["tokens"][i] > 0:
+            out[name] = {"loss": float(acc["loss"][i] / acc["tokens"][i]),
+                         "token_accuracy": float(acc["acc"][i] / acc["tokens"][i]),
+                         "exact_match": float(acc["exact"][i] / acc["samples"][i].clamp_min(1)),
+                         "samples": int(acc["samples"][i])}
+    return {"tasks": out, "meta": {"split": "test", "method": "teacher-forced"}}
+
+
+def _table(results: dict) -> str:
+    rows = results["tasks"]
+    cols = sorted({k for m in rows.values() for k in m})
+    lines = ["| task | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    for name, m in rows.items():
+        cells = [f"{m[c]:.4g}" if isinstance(m.get(c), float) else str(m.get(c, "")) for c in cols]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
