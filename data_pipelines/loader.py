@@ -107,6 +107,25 @@ def resolve_shards(path: str, split: str) -> tuple[list[str], dict | None]:
     return files, None
 
 
+def tar_looks_complete(path: str) -> bool:
+    """A local tar ends on a 512-byte boundary with two zero blocks; a cut-off copy does not.
+
+    tarfile reads a cut-off member short without complaint, so this is checked up front.
+    Remote URLs are not checked.
+    """
+    if "://" in path:
+        return True
+    try:
+        size = os.path.getsize(path)
+        if size < 1024 or size % 512:
+            return False
+        with open(path, "rb") as f:
+            f.seek(size - 1024)
+            return not any(f.read(1024))
+    except OSError:
+        return False
+
+
 def decode_sample(sample: dict) -> dict:
     """Bytes members -> data, without ever running code: json, npy, raw image/audio bytes."""
     out = {"__key__": sample.get("__key__"), "__url__": sample.get("__url__")}
@@ -218,8 +237,11 @@ class StreamDataset(IterableDataset):
             read_before = stats["read"]
             for url in rng.permutation(urls):
                 per_shard = Counter()
+                if not tar_looks_complete(str(url)):
+                    stats["truncated_or_unreadable_tar"] += 1  # read what is there; partial members fail to decode
                 for raw in wds.tarfile_to_samples(handler=handler)([{"url": str(url)}]):
                     per_shard["read"] += 1
+                    stats["read"] += 1
                     yield raw, per_shard
             if stats["read"] == read_before:
                 raise DataError(f"none of the {len(urls)} shards of this worker holds a readable "
@@ -233,7 +255,6 @@ class StreamDataset(IterableDataset):
         emitted = 0
         urls = self.worker_shards(worker, num_workers)
         for raw, per_shard in self.samples(urls, rng, stats):
-            stats["read"] += 1
             name = task_of(raw)
             if name is None:
                 self._bad(stats, per_shard, "bad_json", raw)

@@ -91,8 +91,11 @@ class Task:
 
 class ImageClassify(Task):
     def inputs(self, sample, toks):
+        member = next((k for k in ("png", "jpg", "jpeg") if sample.get(k) is not None), None)
+        if member is None:
+            raise BadSample("missing_member", "png")
         try:
-            span = toks.image.encode(sample["png"] if "png" in sample else sample["jpg"])
+            span = toks.image.encode(sample[member])
         except (ValueError, OSError) as e:
             raise BadSample("bad_image", str(e)) from None
         return [special("<img>"), span, special("</img>")]

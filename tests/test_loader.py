@@ -1,0 +1,153 @@
+import io
+import json
+import os
+import pickle
+import tarfile
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from unimodal.data_pipelines.loader import (DataConfig, DataError, StreamDataset, iter_split,
+                                            mixture_acceptance, resolve_shards)
+
+from conftest import make_samples, write_shards
+
+TASKS = ["image.classify", "audio.transcribe", "text.translate.en-fr", "code.complete",
+         "control.cartpole-v1"]
+
+
+def cfg(shards, **kw):
+    base = dict(shards=str(shards), seq_len=128, batch_size=4, num_workers=0, shuffle_buffer=20,
+                batches_per_epoch=6)
+    base.update(kw)
+    return DataConfig(**base)
+
+
+def take(ds, n=None):
+    return list(ds) if n is None else [b for _, b in zip(range(n), ds)]
+
+
+def test_stream_is_deterministic_per_seed_and_differs_across_seeds(shard_dir, toks):
+    a = take(StreamDataset(cfg(shard_dir), toks, TASKS, 0, 1))
+    b = take(StreamDataset(cfg(shard_dir), toks, TASKS, 0, 1))
+    c = take(StreamDataset(cfg(shard_dir, seed=1), toks, TASKS, 0, 1))
+    assert len(a) == len(b) == 6
+    assert all(torch.equal(x.ids, y.ids) and torch.equal(x.targets, y.targets) for x, y in zip(a, b))
+    assert not all(torch.equal(x.ids, y.ids) for x, y in zip(a, c))
+    assert all(x.num_tokens > 0 and (x.targets != -100).any() for x in a)
+
+
+def test_resume_moves_the_stream_on(shard_dir, toks):
+    ds = StreamDataset(cfg(shard_dir), toks, TASKS, 0, 1)
+    first = take(ds, 2)
+    ds.resume = 250  # the global step a resumed run restarts from
+    again = take(ds, 2)
+    assert not all(torch.equal(x.ids, y.ids) for x, y in zip(first, again))
+
+
+def test_two_ranks_two_workers_read_disjoint_shards_and_yield_equal_batch_counts(shard_dir, toks):
+    keys_by = {}
+    counts = []
+    for rank in range(2):
+        ds = StreamDataset(cfg(shard_dir, num_workers=2, batches_per_epoch=5), toks, TASKS, rank, 2)
+        for w in range(2):
+            urls = ds.worker_shards(w, 2)
+            stats = Counter()
+            keys = set()
+            for (raw, _), _ in zip(ds.samples(urls, np.random.default_rng(0), stats), range(200)):
+                keys.add(raw["__key__"])
+            keys_by[(rank, w)] = keys
+        loader = DataLoader(ds, batch_size=None, num_workers=2)
+        counts.append(sum(1 for _ in loader))
+    groups = list(keys_by.values())
+    for i in range(len(groups)):
+        for j in range(i + 1, len(groups)):
+            assert not groups[i] & groups[j]
+    assert counts[0] == counts[1] == 6  # 5 rounded up to a multiple of 2 workers
+
+
+def test_too_few_shards_for_ranks_times_workers_is_a_clear_error(shard_dir, toks):
+    with pytest.raises(DataError, match="cannot feed"):
+        StreamDataset(cfg(shard_dir, num_workers=4), toks, TASKS, 0, 4)
+
+
+def test_mixture_weights_set_the_share_of_each_task(shard_dir, toks):
+    counts = {"a": 900, "b": 100}
+    acc = mixture_acceptance({"a": 1.0, "b": 1.0}, counts, ["a", "b"])
+    # equal weights: a is thinned to b's rate, so each gets half of what is kept
+    assert acc["b"] == 1.0 and acc["a"] == pytest.approx(100 / 900)
+    acc = mixture_acceptance({"a": 0.0}, counts, ["a", "b"])
+    assert acc["a"] == 0.0
+    # empirically: text only vs everything
+    ds = StreamDataset(cfg(shard_dir, weights={t: (1.0 if t == "text.translate.en-fr" else 0.0) for t in TASKS}),
+                       toks, TASKS, 0, 1)
+    tasks_seen = {int(t) for b in take(ds, 2) for t in b.task[b.task >= 0].unique()}
+    assert tasks_seen == {TASKS.index("text.translate.en-fr")}
+
+
+def _damaged_shard(folder: Path, marker: Path) -> None:
+    samples = make_samples(40, seed=5, prefix="d")
+    samples[0]["png"] = b"\x89PNG but not really"
+    samples[1]["flac"] = b"fLaC garbage"
+    samples[2]["json"] = {"task": "text.translate.en-fr", "src": "", "tgt": "x"}
+    samples[3]["json"] = {"task": "code.complete", "prompt": "x"}  # lacks the completion
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    samples[4]["pickle"] = pickle.dumps(Evil())
+    samples[5]["pyd"] = pickle.dumps(Evil())
+    write_shards(folder, samples, per_shard=100)
+    # plus a member whose json is not JSON
+    tar = next((folder / "train").glob("*.tar"))
+    with tarfile.open(tar, "a") as t:
+        data = b"{not json"
+        info = tarfile.TarInfo("zz000001.json")
+        info.size = len(data)
+        t.addfile(info, io.BytesIO(data))
+
+
+def test_damaged_members_are_skipped_and_counted_and_pickles_never_run(tmp_path, toks):
+    marker = tmp_path / "pwned"
+    _damaged_shard(tmp_path / "d", marker)
+    write_shards(tmp_path / "d", make_samples(40, seed=6, prefix="e"), per_shard=100, split="train2")
+    # a truncated copy of a good shard
+    good = next((tmp_path / "d" / "train2").glob("*.tar")).read_bytes()
+    (tmp_path / "d" / "train" / "train-000009.tar").write_bytes(good[: len(good) // 2 + 77])
+    ds = StreamDataset(cfg(tmp_path / "d", max_bad_fraction=0.5, batches_per_epoch=30), toks, TASKS, 0, 1)
+    batches = take(ds)
+    stats = batches[-1].stats
+    assert stats["skipped_bad_image"] >= 1 and stats["skipped_bad_audio"] >= 1
+    assert stats["skipped_missing_field"] >= 2 and stats["skipped_bad_json"] >= 1
+    assert stats["truncated_or_unreadable_tar"] >= 1
+    assert stats["used"] > 0 and len(batches) == 30
+    assert not marker.exists()
+
+
+def test_mostly_bad_shard_stops_with_a_message_naming_it(tmp_path, toks):
+    samples = make_samples(60, prefix="b")
+    for s in samples[:30]:
+        s["json"] = {"task": "text.translate.en-fr", "src": "", "tgt": ""}
+    write_shards(tmp_path, samples, per_shard=100)
+    ds = StreamDataset(cfg(tmp_path, shuffle_buffer=1), toks, TASKS, 0, 1)
+    with pytest.raises(DataError, match=r"train-000000\.tar.*over the 5% limit"):
+        take(ds)
+
+
+def test_brace_patterns_and_plain_folders_resolve(shard_dir):
+    files, manifest = resolve_shards(str(shard_dir), "train")
+    assert len(files) == 8 and manifest is None
+    pattern = str(shard_dir / "train" / "train-{000000..000003}.tar")
+    assert len(resolve_shards(pattern, "train")[0]) == 4
+    with pytest.raises(DataError):
+        resolve_shards(str(shard_dir / "nope-{0..3}.tar"), "train")
+
+
+def test_iter_split_reads_every_sample_once(shard_dir):
+    keys = [s["__key__"] for s in iter_split(str(shard_dir), "test")]
+    assert len(keys) == len(set(keys)) == 60
