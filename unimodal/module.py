@@ -234,43 +234,52 @@ class UnimodalModule(L.LightningModule):
 
 
 class ThroughputCallback(L.Callback):
-    """tokens/s (non-padding and all positions) and MFU, from Lightning's Throughput meter.
+    """tokens/s (non-padding tokens) and MFU, from Lightning's Throughput meter.
 
-    The peak is the device's datasheet figure on CUDA (Lightning's table) and, on CPU, one
-    measured at the start by a large matrix product in the training precision.
+    FLOPs per step = ``flops_per_token`` (6N + attention) x every position of the step,
+    padding included (it costs compute). The peak is the device's datasheet figure on CUDA
+    (Lightning's table) and, on CPU, a large matrix product in the training precision
+    measured at the start. Time spent validating is left out.
     """
 
-    def __init__(self, window: int = 20):
+    def __init__(self, window: int = 10):
         self.window = window
         self.peak: float | None = None
+        self.tokens_per_s: float | None = None
+        self.mfu: float | None = None
 
     def on_train_start(self, trainer, pl_module) -> None:
         dtype = torch.bfloat16 if "bf16" in str(trainer.precision) else torch.float32
         self.peak = device_peak_flops(pl_module.device, dtype)
         self.meter = Throughput(available_flops=self.peak, world_size=trainer.world_size,
                                 window_size=self.window)
-        self.t0, self.tokens, self.positions, self.samples = time.perf_counter(), 0, 0, 0
-        self.step_tokens = 0
-        self.step_positions = 0
+        self.t0, self.paused = time.perf_counter(), 0.0
+        self.tokens = self.samples = self.step_positions = 0
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        self._val_t = time.perf_counter()
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if hasattr(self, "_val_t") and hasattr(self, "t0"):
+            self.paused += time.perf_counter() - self._val_t
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self.tokens += batch.num_tokens
-        self.positions += batch.ids.numel()
         self.samples += batch.num_samples
+        self.step_positions += batch.ids.numel()
         if (batch_idx + 1) % trainer.accumulate_grad_batches:
             return
-        t = time.perf_counter() - self.t0
+        t = time.perf_counter() - self.t0 - self.paused
         self.meter.update(time=t, batches=trainer.global_step, samples=self.samples,
-                          lengths=self.positions,
-                          flops=pl_module.flops_per_token * self.positions)
+                          lengths=self.tokens, flops=pl_module.flops_per_token * self.step_positions)
+        self.step_positions = 0
         metrics = self.meter.compute()
-        if "device/items_per_sec" in metrics or "device/samples_per_sec" in metrics:
-            tok_s = self.tokens / t
-            pl_module.log("perf/tokens_per_s", tok_s, batch_size=1, prog_bar=True)
-            pl_module.log("perf/positions_per_s", metrics.get("device/items_per_sec", 0.0), batch_size=1)
+        if "device/items_per_sec" in metrics:
+            self.tokens_per_s = metrics["device/items_per_sec"]
+            pl_module.log("perf/tokens_per_s", self.tokens_per_s, batch_size=1, prog_bar=True)
             if "device/mfu" in metrics:
-                pl_module.log("perf/mfu", metrics["device/mfu"], batch_size=1)
-        self.tokens_per_s = self.tokens / t
+                self.mfu = metrics["device/mfu"]
+                pl_module.log("perf/mfu", self.mfu, batch_size=1)
 
 
 _PEAK_CACHE: dict = {}
