@@ -1,0 +1,609 @@
+"""The embedded demo recipe: every modality, real data, only pip sources, ~1 minute.
+
+- image: scikit-learn's 1,797 handwritten digits (8x8, 0..16 scaled to uint8) ->
+  ``image.classify`` (English word); every test image also as ``image.classify.fr``
+  (French word), a zero-shot composition that is never trained on.
+- audio: eSpeak NG speech of single digits ('digits') and number phrases of up to four
+  words ('phrases'), 8 English accents x 13 voice variants, random rate/pitch, background
+  noise at a random SNR, random gain and leading silence, 16 kHz mono FLAC ->
+  ``audio.transcribe``. Two whole accents are test-only; every test digit clip is also
+  ``audio.transcribe.fr`` (English speech, French transcript), test-only.
+- text: num2words numbers and Babel CLDR names -> ``text.translate.en-fr/en-de/en-es``
+  and the reverse ``fr-en``/``de-en`` for numbers.
+- code: functions of the Python standard library on this machine -> ``code.complete``
+  ('body': signature + docstring -> body; 'next_lines': up to 12 lines -> next 1-3).
+- control: scripted experts (data_pipelines/control.py) on CartPole, MountainCar, Acrobot
+  and Pendulum, data seeds 0..59 (evaluation seeds start at 10,000).
+
+``limit`` caps each source: images, digit clips, phrase clips, number translations, CLDR
+translations, code samples per mode, and episodes per environment.
+"""
+from __future__ import annotations
+
+import ast
+import functools
+import hashlib
+import io
+import os
+import random
+import re
+import sysconfig
+import tokenize
+from typing import Iterator
+
+import numpy as np
+
+from unimodal.data_pipelines.shards import split_of
+
+NAME = "demo"
+DESCRIPTION = ("every modality from pip-installed sources: sklearn digits, eSpeak NG speech, "
+               "num2words + CLDR translations, stdlib code, gymnasium experts")
+SOURCES = ["scikit-learn", "espeakng-loader", "num2words", "babel", "gymnasium", "soundfile",
+           "scipy", "Pillow"]
+
+DIGIT_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+
+# audio
+SAMPLE_RATE = 16_000
+TRAIN_ACCENTS = ["en-us", "en", "en-gb-x-rp", "en-gb-x-gbclan", "en-gb-x-gbcwmd", "en-us-nyc"]
+TEST_ACCENTS = ["en-029", "en-gb-scotland"]  # whole accents never trained on
+TEST_ACCENT_SHARE = 0.2
+VARIANTS = ["", "m1", "m2", "m3", "m4", "m5", "m6", "m7", "f1", "f2", "f3", "f4", "f5"]
+N_DIGIT_CLIPS = 1700
+N_PHRASE_CLIPS = 1300
+MAX_SECONDS = 2.5
+RATE_RANGE = (130, 220)  # words per minute
+PITCH_RANGE = (25, 75)
+SNR_DB = (5.0, 35.0)
+PEAK_DBFS = (-20.0, -1.0)
+LEAD_S = (0.0, 0.3)
+TRAIL_S = (0.05, 0.2)
+NOISES = ("white", "pink", "brown")
+
+# text
+NUM_LANGS = ["fr", "de", "es"]
+REVERSE = ["fr", "de"]  # also translated into English, for numbers up to REVERSE_MAX
+REVERSE_MAX = 1000
+N_SMALL = 2001  # 0..2000
+N_LARGE = 300  # random numbers in 2001..10^6
+CLDR_DOMAINS = ("territories", "languages", "months", "days")
+
+# code
+CODE_PER_MODE = 2500
+MAX_CODE_CHARS = 600
+CONTEXT_LINES = 12
+
+# control
+EPISODES_PER_ENV = 60
+NOISY_EVERY = 6  # every 6th episode is epsilon-noisy
+EPSILON = 0.2
+
+INSTRUCTIONS_FALLBACK = [
+    "classify this image. answer in english.", "classify this image. answer in french.",
+    "write what is said, in english.", "write what is said, in french.",
+    "translate english to french.", "translate english to german.",
+    "translate english to spanish.", "translate french to english.",
+    "translate german to english.", "complete this python code.",
+    "act in cartpole-v1.", "act in mountaincar-v0.", "act in acrobot-v1.", "act in pendulum-v1.",
+]
+
+_STATS: dict = {}
+
+
+def available() -> tuple[bool, str]:
+    missing = []
+    for mod in ("sklearn", "espeakng_loader", "num2words", "babel", "gymnasium", "soundfile",
+                "scipy", "PIL"):
+        try:
+            __import__(mod)
+        except ImportError:
+            missing.append(mod)
+    if missing:
+        return False, f"missing Python packages: {', '.join(missing)} (pip install -e .)"
+    return True, ""
+
+
+def _rng(*parts) -> np.random.Generator:
+    """A generator seeded from a string, so each item is reproducible on its own."""
+    digest = hashlib.sha256(":".join(map(str, parts)).encode()).digest()
+    return np.random.default_rng(int.from_bytes(digest[:8], "little"))
+
+
+def _cap(n: int, limit: int | None) -> int:
+    return n if limit is None else min(n, limit)
+
+
+# --------------------------------------------------------------------------------------
+# image
+# --------------------------------------------------------------------------------------
+def french_word(n: int) -> str:
+    from num2words import num2words
+    return num2words(n, lang="fr")
+
+
+def _images(limit):
+    from PIL import Image
+    from sklearn.datasets import load_digits
+    digits = load_digits()
+    n = _cap(len(digits.images), limit)
+    stats = _STATS.setdefault("image", {"source": "sklearn.datasets.load_digits", "images": 0,
+                                        "size": [8, 8], "scale": "round(v * 255 / 16)"})
+    for i in range(n):
+        img = np.clip(np.round(digits.images[i] * 255.0 / 16.0), 0, 255).astype(np.uint8)
+        buf = io.BytesIO()
+        Image.fromarray(img, mode="L").save(buf, format="PNG")
+        png = buf.getvalue()
+        y = int(digits.target[i])
+        key = f"digits-{i:05d}"
+        stats["images"] += 1
+        yield {"__key__": key, "png": png,
+               "json": {"task": "image.classify", "label": DIGIT_WORDS[y], "label_id": y,
+                        "lang": "en", "source": "sklearn.digits", "index": i}}
+        if split_of(key) == "test":
+            yield {"__key__": f"{key}-fr", "__split__": "test", "png": png,
+                   "json": {"task": "image.classify.fr", "label": french_word(y), "label_id": y,
+                            "lang": "fr", "source": "sklearn.digits", "index": i}}
+
+
+# --------------------------------------------------------------------------------------
+# audio
+# --------------------------------------------------------------------------------------
+def canonical_en(n: int) -> str:
+    """English number words in the transcript form: lower case, no hyphens, commas or 'and'.
+
+    >>> canonical_en(1412)
+    'one thousand four hundred twelve'
+    """
+    from num2words import num2words
+    words = num2words(n, lang="en").lower().replace("-", " ").replace(",", " ").split()
+    return " ".join(w for w in words if w != "and")
+
+
+@functools.lru_cache(maxsize=1)
+def phrase_numbers() -> tuple[int, ...]:
+    """The numbers spoken in the 'phrases' subset: 2..4 words each, a fixed draw."""
+    rng = np.random.default_rng(20240501)
+    out: list[int] = []
+    while len(out) < N_PHRASE_CLIPS:
+        r = rng.random()
+        n = int(rng.integers(10, 100) if r < 0.3 else rng.integers(100, 1000) if r < 0.7
+                else rng.integers(1000, 100_000))
+        if 2 <= len(canonical_en(n).split()) <= 4:
+            out.append(n)
+    return tuple(out)
+
+
+def _voice_choice(rng: np.random.Generator, voices: list[str]) -> tuple[str, str, bool]:
+    held_out = rng.random() < TEST_ACCENT_SHARE
+    accents = TEST_ACCENTS if held_out else TRAIN_ACCENTS
+    accent = accents[int(rng.integers(len(accents)))]
+    variant = voices[int(rng.integers(len(voices)))]
+    return accent, variant, held_out
+
+
+def _noise(kind: str, n: int, rng: np.random.Generator) -> np.ndarray:
+    from scipy.signal import lfilter
+    w = rng.standard_normal(n)
+    if kind == "pink":  # Paul Kellet's economy pink filter
+        return lfilter([0.049922035, -0.095993537, 0.050612699, -0.004408786],
+                       [1.0, -2.494956002, 2.017265875, -0.522189400], w)
+    if kind == "brown":
+        return lfilter([1.0], [1.0, -0.98], w)
+    return w
+
+
+def render_clip(pcm: np.ndarray, rate_in: int, rng: np.random.Generator) -> tuple[np.ndarray, dict]:
+    """Trim, resample to 16 kHz, set a random peak level, pad, add noise -> int16, params."""
+    from scipy.signal import resample_poly
+    x = pcm.astype(np.float32) / 32768.0
+    loud = np.nonzero(np.abs(x) > 0.01)[0]
+    if len(loud):
+        x = x[max(0, loud[0] - 100): loud[-1] + 200]
+    g = np.gcd(SAMPLE_RATE, rate_in)
+    x = resample_poly(x, SAMPLE_RATE // g, rate_in // g).astype(np.float32)
+    peak_db = float(rng.uniform(*PEAK_DBFS))
+    x *= 10 ** (peak_db / 20) / max(1e-6, float(np.abs(x).max()))
+    speech_rms = float(np.sqrt(np.mean(x ** 2))) if len(x) else 0.0
+    budget = MAX_SECONDS - len(x) / SAMPLE_RATE
+    lead = min(float(rng.uniform(*LEAD_S)), max(0.0, budget * 0.6))
+    trail = min(float(rng.uniform(*TRAIL_S)), max(0.0, budget - lead))
+    x = np.concatenate([np.zeros(int(lead * SAMPLE_RATE), np.float32), x,
+                        np.zeros(int(trail * SAMPLE_RATE), np.float32)])
+    x = x[: int(MAX_SECONDS * SAMPLE_RATE)]
+    kind = NOISES[int(rng.integers(len(NOISES)))]
+    snr = float(rng.uniform(*SNR_DB))
+    nz = _noise(kind, len(x), rng)
+    nz *= speech_rms / 10 ** (snr / 20) / max(1e-9, float(np.sqrt(np.mean(nz ** 2))))
+    y = np.clip(np.round((x + nz) * 32767.0), -32768, 32767).astype(np.int16)
+    return y, {"snr_db": round(snr, 2), "noise": kind, "peak_dbfs": round(peak_db, 2),
+               "shift_s": round(lead, 3), "seconds": round(len(y) / SAMPLE_RATE, 3)}
+
+
+def _flac(y: np.ndarray) -> bytes:
+    import soundfile as sf
+    buf = io.BytesIO()
+    sf.write(buf, y, SAMPLE_RATE, format="FLAC", subtype="PCM_16")
+    return buf.getvalue()
+
+
+def available_variants() -> list[str]:
+    from unimodal.data_pipelines.espeak import engine
+    have = {v.lower() for v in engine().variants()}
+    return [v for v in VARIANTS if not v or v in have]
+
+
+def _audio(limit):
+    from unimodal.data_pipelines.espeak import engine
+    eng = engine()
+    variants = available_variants()
+    stats = _STATS.setdefault("audio", {
+        "engine": "eSpeak NG (espeakng-loader)", "sample_rate": SAMPLE_RATE,
+        "train_accents": TRAIN_ACCENTS, "test_only_accents": TEST_ACCENTS,
+        "variants": [v or "default" for v in variants], "rate_wpm": list(RATE_RANGE),
+        "pitch": list(PITCH_RANGE), "snr_db": list(SNR_DB), "peak_dbfs": list(PEAK_DBFS),
+        "lead_silence_s": list(LEAD_S), "noises": list(NOISES), "max_seconds": MAX_SECONDS,
+        "clips": {"digits": 0, "phrases": 0}, "clips_by_accent": {}, "seconds": 0.0,
+        "transcript_form": "lower-case English number words, no hyphens, commas or 'and'"})
+    items = [("digits", i, i % 10, DIGIT_WORDS[i % 10]) for i in range(_cap(N_DIGIT_CLIPS, limit))]
+    phrases = [("phrases", i, n, canonical_en(n))
+               for i, n in enumerate(phrase_numbers()[:_cap(N_PHRASE_CLIPS, limit)])]
+    # alternate the two subsets so a limited build and every shard get both
+    order = [x for pair in zip(items, phrases) for x in pair]
+    order += items[len(phrases):] + phrases[len(items):]
+    for subset, i, value, text in order:
+        key = f"speech-{subset}-{i:05d}"
+        rng = _rng("audio", key)
+        accent, variant, held_out = _voice_choice(rng, variants)
+        voice = f"{accent}+{variant}" if variant else accent
+        rate = int(rng.integers(RATE_RANGE[0], RATE_RANGE[1] + 1))
+        pitch = int(rng.integers(PITCH_RANGE[0], PITCH_RANGE[1] + 1))
+        seed = int(rng.integers(1 << 31))
+        for _ in range(4):  # too long: speak faster
+            pcm = eng.synth(text, voice=voice, rate=rate, pitch=pitch, seed=seed)
+            if len(pcm) / eng.sample_rate <= MAX_SECONDS - 0.1:
+                break
+            rate = int(rate * 1.25)
+        y, params = render_clip(pcm, eng.sample_rate, rng)
+        flac = _flac(y)
+        stats["clips"][subset] += 1
+        stats["clips_by_accent"][accent] = stats["clips_by_accent"].get(accent, 0) + 1
+        stats["seconds"] = round(stats["seconds"] + params["seconds"], 2)
+        meta = {"task": "audio.transcribe", "transcript": text, "subset": subset, "voice": voice,
+                "accent": accent, "variant": variant or "default", "rate": rate, "pitch": pitch,
+                "lang": "en", "heldout_voice": held_out, "source": "espeak-ng", **params}
+        sample = {"__key__": key, "flac": flac, "json": meta}
+        if held_out:
+            sample["__split__"] = "test"
+        yield sample
+        if subset == "digits" and (held_out or split_of(key) == "test"):
+            yield {"__key__": f"{key}-fr", "__split__": "test", "flac": flac,
+                   "json": {**meta, "task": "audio.transcribe.fr", "transcript": french_word(value),
+                            "lang": "fr", "speech_lang": "en"}}
+
+
+# --------------------------------------------------------------------------------------
+# text
+# --------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=1)
+def translation_numbers() -> tuple[int, ...]:
+    rng = np.random.default_rng(7)
+    large = sorted(set(int(v) for v in rng.integers(2001, 1_000_001, size=N_LARGE * 2)))
+    large = [large[i] for i in sorted(rng.choice(len(large), N_LARGE, replace=False))]
+    return tuple(range(N_SMALL)) + tuple(large)
+
+
+@functools.lru_cache(maxsize=None)
+def _words(n: int, lang: str) -> str:
+    from num2words import num2words
+    return num2words(n, lang=lang)
+
+
+def _number_pairs(limit):
+    """(key, task, src, tgt) for numbers: en->fr/de/es, fr/de->en."""
+    for n in translation_numbers()[:_cap(len(translation_numbers()), limit)]:
+        en = _words(n, "en")
+        for tgt in NUM_LANGS:
+            yield f"num-en-{tgt}-{n:07d}", f"text.translate.en-{tgt}", en, _words(n, tgt)
+        for src in REVERSE if n <= REVERSE_MAX else ():
+            yield f"num-{src}-en-{n:07d}", f"text.translate.{src}-en", _words(n, src), en
+
+
+def _safe(code) -> str:
+    return re.sub(r"[^A-Za-z0-9_-]", "_", str(code))
+
+
+@functools.lru_cache(maxsize=1)
+def cldr_pairs() -> tuple[tuple[str, str, str, str, str], ...]:
+    """(key, task, src, tgt, domain) for CLDR names en -> fr/de/es."""
+    from babel import Locale
+    en = Locale("en")
+    out = []
+    for tgt in NUM_LANGS:
+        loc = Locale(tgt)
+        for domain in CLDR_DOMAINS:
+            if domain in ("territories", "languages"):
+                a, b = getattr(en, domain), getattr(loc, domain)
+                codes = sorted(k for k in a if k in b)
+                pairs = [(c, a[c], b[c]) for c in codes]
+            elif domain == "months":
+                a, b = en.months["format"]["wide"], loc.months["format"]["wide"]
+                pairs = [(m, a[m], b[m]) for m in range(1, 13)]
+            else:
+                a, b = en.days["format"]["wide"], loc.days["format"]["wide"]
+                pairs = [(d, a[d], b[d]) for d in range(7)]
+            for code, s, t in pairs:
+                if s and t:
+                    out.append((f"cldr-{domain}-en-{tgt}-{_safe(code)}", f"text.translate.en-{tgt}",
+                                s, t, domain))
+    return tuple(out)
+
+
+def _text(limit):
+    stats = _STATS.setdefault("text", {"numbers": 0, "cldr": {}, "languages": ["en", *NUM_LANGS]})
+    nums = list(_number_pairs(limit))
+    cldr = list(cldr_pairs())
+    if limit is not None:  # a spread over domains and languages
+        idx = np.linspace(0, len(cldr) - 1, num=min(limit, len(cldr))).round().astype(int)
+        cldr = [cldr[i] for i in sorted(set(idx.tolist()))]
+    ratio = len(nums) / max(1, len(cldr))
+    j = 0
+    for i, (key, task, src, tgt) in enumerate(nums):
+        stats["numbers"] += 1
+        yield {"__key__": key, "json": {"task": task, "src": src, "tgt": tgt, "domain": "numbers"}}
+        while j < len(cldr) and j * ratio <= i:
+            key2, task2, s, t, domain = cldr[j]
+            stats["cldr"][domain] = stats["cldr"].get(domain, 0) + 1
+            yield {"__key__": key2, "json": {"task": task2, "src": s, "tgt": t, "domain": domain}}
+            j += 1
+    for key2, task2, s, t, domain in cldr[j:]:
+        stats["cldr"][domain] = stats["cldr"].get(domain, 0) + 1
+        yield {"__key__": key2, "json": {"task": task2, "src": s, "tgt": t, "domain": domain}}
+
+
+# --------------------------------------------------------------------------------------
+# code
+# --------------------------------------------------------------------------------------
+SKIP_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"}
+
+
+def stdlib_files() -> tuple[str, list[str]]:
+    """The standard library folder and its .py files (relative, sorted), tests skipped."""
+    root = sysconfig.get_paths()["stdlib"]
+    files = []
+    for d, dirs, names in os.walk(root):
+        dirs[:] = sorted(x for x in dirs if x not in SKIP_DIRS and not x.startswith("."))
+        files += sorted(os.path.relpath(os.path.join(d, f), root) for f in names if f.endswith(".py"))
+    return root, sorted(files)
+
+
+def _dedent(lines: list[str], indent: int) -> list[str] | None:
+    out = []
+    for ln in lines:
+        if not ln.strip():
+            out.append("")
+        elif ln[:indent].strip() == "" and len(ln) > indent:
+            out.append(ln[indent:])
+        else:
+            return None  # e.g. a multi-line string less indented than the def
+    return out
+
+
+def _join(lines: list[str]) -> str:
+    return "".join(ln + "\n" for ln in lines)
+
+
+def _file_candidates(root: str, rel: str) -> tuple[list[dict], list[dict], int] | None:
+    """The 'body' and 'next_lines' candidates of one stdlib file, and its function count."""
+    try:
+        with tokenize.open(os.path.join(root, rel)) as f:
+            src = f.read()
+        tree = ast.parse(src)
+    except (SyntaxError, UnicodeDecodeError, OSError, ValueError):
+        return None
+    lines = src.splitlines()
+    body, nxt, n_funcs = [], [], 0
+    for node in ast.walk(tree):
+        if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            continue
+        n_funcs += 1
+        seg = _dedent(lines[node.lineno - 1: node.end_lineno], node.col_offset)
+        if seg is None or len(seg) < 3:
+            continue
+        first = node.body[0]
+        if (ast.get_docstring(node) is not None and len(node.body) > 1
+                and first.end_lineno < node.end_lineno):
+            cut = first.end_lineno - node.lineno + 1
+            prompt, completion = _join(seg[:cut]), _join(seg[cut:])
+            if completion.strip() and len(prompt) + len(completion) <= MAX_CODE_CHARS:
+                body.append({"prompt": prompt, "completion": completion, "mode": "body",
+                             "file": rel, "line": node.lineno, "function": node.name})
+        # one next-lines cut per function, inside its body
+        r = random.Random(f"{rel}:{node.lineno}")
+        if len(seg) >= 4:
+            k = r.randint(1, 3)
+            at = r.randint(1, max(1, len(seg) - k))
+            comp_lines = seg[at: at + k]
+            ctx = seg[max(0, at - CONTEXT_LINES): at]
+            completion = _join(comp_lines)
+            while ctx and len(_join(ctx)) + len(completion) > MAX_CODE_CHARS:
+                ctx = ctx[1:]
+            if ctx and completion.strip() and len(completion) <= MAX_CODE_CHARS // 2:
+                nxt.append({"prompt": _join(ctx), "completion": completion,
+                            "mode": "next_lines", "file": rel, "line": node.lineno + at,
+                            "function": node.name})
+    return body, nxt, n_funcs
+
+
+@functools.lru_cache(maxsize=None)
+def code_selection(limit: int | None = None) -> tuple[tuple[dict, ...], dict]:
+    """The code samples and stats. Full build: CODE_PER_MODE per mode drawn (fixed seed)
+    from every candidate of the stdlib; with ``limit``: the first ``limit`` per mode in file
+    order (only as many files are parsed as needed). Modes alternate."""
+    root, files = stdlib_files()
+    per_mode = _cap(CODE_PER_MODE, limit)
+    body: list[dict] = []
+    nxt: list[dict] = []
+    n_files = n_funcs = 0
+    for rel in files:
+        if limit is not None and len(body) >= per_mode and len(nxt) >= per_mode:
+            break
+        got = _file_candidates(root, rel)
+        if got is None:
+            continue
+        n_files += 1
+        n_funcs += got[2]
+        body += [dict(x, index=len(body) + i) for i, x in enumerate(got[0])]
+        nxt += [dict(x, index=len(nxt) + i) for i, x in enumerate(got[1])]
+    stats = {"stdlib": root, "files_parsed": n_files, "functions": n_funcs,
+             "body_candidates": len(body), "next_lines_candidates": len(nxt)}
+    if limit is None:
+        r = random.Random(1234)
+        b = [body[i] for i in sorted(r.sample(range(len(body)), min(per_mode, len(body))))]
+        n = [nxt[i] for i in sorted(r.sample(range(len(nxt)), min(per_mode, len(nxt))))]
+    else:
+        b, n = body[:per_mode], nxt[:per_mode]
+    out = [x for pair in zip(b, n) for x in pair] + b[len(n):] + n[len(b):]
+    return tuple(out), stats
+
+
+def _code(limit):
+    items, cstats = code_selection(limit)
+    stats = _STATS.setdefault("code", {**cstats, "samples": {"body": 0, "next_lines": 0},
+                                       "max_chars": MAX_CODE_CHARS})
+    for item in items:
+        mode = item["mode"]
+        stats["samples"][mode] += 1
+        key = f"code-{mode.replace('_', '')}-{item['index']:06d}"
+        yield {"__key__": key, "json": {"task": "code.complete", **{k: v for k, v in item.items()
+                                                                     if k != "index"}}}
+
+
+# --------------------------------------------------------------------------------------
+# control
+# --------------------------------------------------------------------------------------
+def _episodes(env_id: str, limit):
+    from unimodal.data_pipelines import control as ctl
+    info = ctl.ENV_INFO[env_id]
+    stats = _STATS.setdefault("control", {"data_seeds": [ctl.DATA_SEED_START,
+                                                         ctl.DATA_SEED_START + EPISODES_PER_ENV - 1],
+                                          "eval_seed_start": ctl.EVAL_SEED_START,
+                                          "epsilon": EPSILON, "episodes": {}, "mean_return": {}})
+    env = ctl.make_env(env_id)
+    rets = []
+    try:
+        for i in range(_cap(EPISODES_PER_ENV, limit)):
+            seed = ctl.DATA_SEED_START + i
+            noisy = i % NOISY_EVERY == NOISY_EVERY - 1
+            pol = ctl.EXPERTS[env_id]
+            if noisy:
+                pol = ctl.noisy_policy(env_id, pol, EPSILON, seed=seed)
+            obs, act, ret = ctl.rollout(env_id, pol, seed, env=env)
+            policy = "noisy_expert" if noisy else "expert"
+            rets.append(ret)
+            ep = stats["episodes"].setdefault(env_id, {"expert": 0, "noisy_expert": 0})
+            ep[policy] += 1
+            yield {"__key__": f"ctl-{info.task.split('.', 1)[1]}-{seed:05d}",
+                   "obs.npy": obs, "act.npy": act,
+                   "json": {"task": info.task, "env": env_id, "policy": policy,
+                            "epsilon": EPSILON if noisy else 0.0, "return": round(ret, 4),
+                            "length": int(len(obs)), "seed": seed}}
+    finally:
+        env.close()
+        if rets:
+            stats["mean_return"][env_id] = round(float(np.mean(rets)), 3)
+
+
+def _control(limit):
+    from unimodal.data_pipelines import control as ctl
+    gens = [_episodes(e.env_id, limit) for e in ctl.ENVS]
+    while gens:
+        for g in list(gens):
+            try:
+                yield next(g)
+            except StopIteration:
+                gens.remove(g)
+
+
+# --------------------------------------------------------------------------------------
+# the recipe interface
+# --------------------------------------------------------------------------------------
+def _source_counts(limit) -> dict[str, int]:
+    from unimodal.data_pipelines import control as ctl
+    n_img = _cap(1797, limit)
+    n_aud = _cap(N_DIGIT_CLIPS, limit) + _cap(N_PHRASE_CLIPS, limit)
+    n_num = (_cap(N_SMALL + N_LARGE, limit) * len(NUM_LANGS)
+             + _cap(REVERSE_MAX + 1, limit) * len(REVERSE))
+    n_cldr = _cap(len(cldr_pairs()), limit)
+    n_code = 2 * _cap(CODE_PER_MODE, limit)
+    n_ctl = len(ctl.ENVS) * _cap(EPISODES_PER_ENV, limit)
+    return {"image": int(n_img * 1.05), "audio": int(n_aud * 1.14), "text": n_num + n_cldr,
+            "code": n_code, "control": n_ctl}
+
+
+def expected_count(limit: int | None = None) -> int:
+    return sum(_source_counts(limit).values())
+
+
+def _interleave(sources: list[tuple[int, Iterator[dict]]]) -> Iterator[dict]:
+    """Mix the sources in proportion to their expected sizes, so every shard has all."""
+    state = [[0, max(1, n), iter(it)] for n, it in sources]
+    while state:
+        s = min(state, key=lambda s: (s[0] + 1) / s[1])
+        try:
+            item = next(s[2])
+        except StopIteration:
+            state.remove(s)
+            continue
+        s[0] += 1
+        yield item
+
+
+def samples(limit: int | None = None) -> Iterator[dict]:
+    """Every demo sample (see the module docstring); ``limit`` caps each source."""
+    _STATS.clear()
+    counts = _source_counts(limit)
+    yield from _interleave([(counts["image"], _images(limit)), (counts["audio"], _audio(limit)),
+                            (counts["text"], _text(limit)), (counts["code"], _code(limit)),
+                            (counts["control"], _control(limit))])
+
+
+def instructions() -> list[str]:
+    """The task instructions (the lead's task registry, or a fixed fallback list)."""
+    try:
+        from unimodal.data_pipelines.tasks import all_instructions
+        return list(all_instructions())
+    except Exception:
+        return list(INSTRUCTIONS_FALLBACK)
+
+
+def text_corpus(limit: int | None = None) -> Iterator[str]:
+    """Everything text the full build contains, whatever ``limit`` is (cheap; the text
+    model is then the same for a quick build and a full one)."""
+    for n in translation_numbers():
+        for lang in ("en", *NUM_LANGS):
+            yield _words(n, lang)
+    for _, _, s, t, _ in cldr_pairs():
+        yield s
+        yield t
+    for y, w in enumerate(DIGIT_WORDS):
+        yield w
+        yield french_word(y)
+    yield from DIGIT_WORDS
+    for n in phrase_numbers():
+        yield canonical_en(n)
+
+
+def code_corpus(limit: int | None = None) -> Iterator[str]:
+    """Every prompt and completion of the build's code samples."""
+    for item in code_selection(limit)[0]:
+        yield item["prompt"]
+        yield item["completion"]
+
+
+def manifest_extra() -> dict:
+    extra = {k: v for k, v in _STATS.items()}
+    extra["instructions"] = len(instructions())
+    extra["limit_semantics"] = ("limit caps each source: images, digit clips, phrase clips, "
+                                "number translations, CLDR pairs, code samples per mode, "
+                                "episodes per environment")
+    return extra

@@ -1,0 +1,469 @@
+"""Recipes -> webdataset shards + manifest.json + tokenizer models, written atomically.
+
+    >>> from unimodal.data_pipelines.shards import build
+    >>> manifest = build("demo", "/tmp/demo")          # python -m unimodal.data_pipelines build ...
+
+Layout of a finished build (see docs/data-format.md)::
+
+    OUT/manifest.json                 written last; its presence marks a complete build
+    OUT/text.model  OUT/code.model    sentencepiece models (vocab ~2048)
+    OUT/train/train-000000.tar ...    webdataset shards, <= MAXCOUNT samples each
+    OUT/val/val-000000.tar ...
+    OUT/test/test-000000.tar ...
+
+Everything is written into ``OUT.parent/.OUT.tmp-<pid>`` and renamed into place at the end,
+so an interrupted build never leaves a folder or manifest that looks complete. A build on
+a complete folder does nothing.
+
+A recipe is one module in ``data_pipelines/recipes/`` (found by ``recipes()``) with:
+
+- ``NAME``, ``DESCRIPTION`` (str)
+- ``available() -> (bool, reason)``: False with one sentence (e.g. a missing Debian package)
+- ``samples(limit) -> Iterator[dict]``: each dict has ``"__key__"`` (unique, no dots or
+  slashes), ``"json"`` (dict with at least ``"task"``) and the binary members (bytes, or a
+  numpy array for ``*.npy`` members); ``"__split__"`` forces a split ('train'|'val'|'test'),
+  otherwise ``split_of(key)`` decides. ``limit`` caps the samples of each source.
+- optional: ``text_corpus(limit)`` / ``code_corpus(limit)`` (iterables of str for the
+  tokenizers; without them the text/code fields of the written samples are used), ``instructions()``
+  (more text-corpus lines), ``manifest_extra() -> dict`` (called after ``samples`` ran),
+  ``SOURCES`` (pip distributions read), ``DEBIAN`` (Debian packages read),
+  ``expected_count(limit)`` (for the progress bar).
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.metadata
+import io
+import json
+import os
+import pkgutil
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from collections import Counter, defaultdict
+from datetime import datetime, timezone
+from pathlib import Path
+from types import ModuleType
+from typing import Any, Iterable
+
+import numpy as np
+
+FORMAT_VERSION = 1
+SPLITS = ("train", "val", "test")
+TRAIN_FRACTION, VAL_FRACTION = 0.90, 0.05  # the rest is test
+MAXCOUNT = 2000  # samples per shard
+MAXSIZE = 48e6  # payload bytes per shard
+TEXT_VOCAB = CODE_VOCAB = 2048
+RECIPES_PACKAGE = "unimodal.data_pipelines.recipes"
+TAR_MTIME = 0  # fixed integer member mtime (a float one costs a pax header per member): same inputs, same bytes
+
+
+class DataBuildError(Exception):
+    """A build failed for a reason a person can fix; the message is one sentence."""
+
+
+# --------------------------------------------------------------------------------------
+# splits
+# --------------------------------------------------------------------------------------
+def split_fraction(key: str) -> float:
+    """A stable number in [0, 1) from a sample key (sha1)."""
+    return int.from_bytes(hashlib.sha1(key.encode("utf-8")).digest()[:8], "big") / 2.0 ** 64
+
+
+def split_of(key: str) -> str:
+    """The split of a sample key: < 0.90 train, < 0.95 val, else test."""
+    f = split_fraction(key)
+    return "train" if f < TRAIN_FRACTION else "val" if f < TRAIN_FRACTION + VAL_FRACTION else "test"
+
+
+# --------------------------------------------------------------------------------------
+# the recipe registry
+# --------------------------------------------------------------------------------------
+def recipes() -> dict[str, ModuleType]:
+    """Every recipe module in data_pipelines/recipes/, by NAME (imports them)."""
+    pkg = importlib.import_module(RECIPES_PACKAGE)
+    found: dict[str, ModuleType] = {}
+    for info in sorted(pkgutil.iter_modules(pkg.__path__), key=lambda i: i.name):
+        if info.name.startswith("_") or info.ispkg:
+            continue
+        mod = importlib.import_module(f"{RECIPES_PACKAGE}.{info.name}")
+        if hasattr(mod, "samples") and hasattr(mod, "available"):
+            found[getattr(mod, "NAME", info.name)] = mod
+    return found
+
+
+def get_recipe(name: str) -> ModuleType:
+    """The recipe module called ``name``; DataBuildError listing the known ones if none."""
+    known = recipes()
+    if name not in known:
+        raise DataBuildError(f"unknown recipe {name!r}; known recipes: {', '.join(sorted(known))}")
+    return known[name]
+
+
+def recipe_status() -> list[tuple[str, bool, str, str]]:
+    """(name, available, reason, description) for every recipe."""
+    out = []
+    for name, mod in sorted(recipes().items()):
+        try:
+            ok, reason = mod.available()
+        except Exception as e:  # a broken recipe must not break `list`
+            ok, reason = False, f"available() failed: {e}"
+        out.append((name, bool(ok), reason or "", getattr(mod, "DESCRIPTION", "")))
+    return out
+
+
+# --------------------------------------------------------------------------------------
+# helpers
+# --------------------------------------------------------------------------------------
+def _say(progress: bool, msg: str) -> None:
+    if progress:
+        print(msg, file=sys.stderr, flush=True)
+
+
+def _encode_member(name: str, value: Any) -> bytes:
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return bytes(value)
+    if name == "json" or name.endswith(".json"):
+        return json.dumps(value, ensure_ascii=False, sort_keys=True).encode("utf-8")
+    if isinstance(value, np.ndarray):
+        if not name.endswith("npy"):
+            raise ValueError(f"member {name!r}: numpy arrays are only written as .npy members")
+        buf = io.BytesIO()
+        np.save(buf, value, allow_pickle=False)
+        return buf.getvalue()
+    if isinstance(value, str):
+        return value.encode("utf-8")
+    raise TypeError(f"member {name!r} has unsupported type {type(value).__name__}")
+
+
+def encode_sample(sample: dict) -> dict:
+    """A recipe's sample dict -> {'__key__': key, member: bytes} for the tar writer."""
+    key = sample.get("__key__")
+    if not isinstance(key, str) or not key or any(c in key for c in "./\\ \n"):
+        raise ValueError(f"bad sample key {key!r}: keys are non-empty with no '.', '/' or spaces")
+    meta = sample.get("json")
+    if not isinstance(meta, dict) or not isinstance(meta.get("task"), str):
+        raise ValueError(f"sample {key}: 'json' must be a dict with a 'task' string")
+    out = {"__key__": key}
+    for name, value in sample.items():
+        if name.startswith("__"):
+            continue
+        out[name] = _encode_member(name, value)
+    return out
+
+
+def _versions(names: Iterable[str]) -> dict[str, str]:
+    out = {}
+    for n in names:
+        try:
+            out[n] = importlib.metadata.version(n)
+        except importlib.metadata.PackageNotFoundError:
+            out[n] = "not installed"
+    return out
+
+
+def debian_version(package: str) -> str | None:
+    """The installed version of a Debian package, or None (also when dpkg is absent)."""
+    try:
+        r = subprocess.run(["dpkg-query", "-W", "-f=${Status}\t${Version}", package],
+                           capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if r.returncode != 0 or "install ok installed" not in r.stdout:
+        return None
+    return r.stdout.split("\t", 1)[1].strip()
+
+
+def _tokenizer_specs() -> dict[str, dict]:
+    """Spec + hash of the default image/audio/value/action tokenizers, where importable."""
+    out: dict[str, dict] = {}
+    for name, module, cls in (("image", "image", "ImageTokenizer"), ("audio", "audio", "AudioTokenizer"),
+                              ("value", "action", "ValueTokenizer"),
+                              ("action", "action", "DiscreteActionTokenizer")):
+        try:
+            tok = getattr(importlib.import_module(f"unimodal.tokenizers.{module}"), cls)()
+            out[name] = {"hash": tok.hash, "spec": tok.spec()}
+        except Exception:  # not written yet, or broken: the manifest just lacks it
+            continue
+    return out
+
+
+def _train_tokenizer(lines: list[str], kind: str, vocab: int, path: Path) -> dict:
+    try:
+        text_mod = importlib.import_module("unimodal.tokenizers.text")
+    except ImportError as e:
+        raise DataBuildError(f"cannot train the {kind} tokenizer: unimodal.tokenizers.text "
+                             f"is not importable ({e})") from e
+    lines = [s for s in lines if s and s.strip()]
+    if not lines:
+        raise DataBuildError(f"the recipe produced no {kind} corpus to train its tokenizer on")
+    proto = text_mod.train_sentencepiece(lines, vocab, kind)
+    path.write_bytes(proto)
+    entry = {"path": path.name, "kind": kind, "vocab_size_requested": vocab,
+             "sha256": hashlib.sha256(proto).hexdigest(), "corpus_lines": len(lines)}
+    try:
+        tok = text_mod.SentencePieceTokenizer(proto, kind=kind)
+        entry["hash"] = tok.hash
+        entry["size"] = tok.size
+    except Exception:
+        entry["hash"] = entry["sha256"][:16]
+    return entry
+
+
+def is_complete(out: str | Path) -> bool:
+    """Whether ``out`` holds a finished build: a manifest whose listed files all exist."""
+    return _read_complete(Path(out)) is not None
+
+
+def _read_complete(out: Path) -> dict | None:
+    mpath = out / "manifest.json"
+    if not mpath.is_file():
+        return None
+    try:
+        manifest = json.loads(mpath.read_text())
+        files = [s for sp in manifest["splits"].values() for s in sp["shards"]]
+        files += [t["path"] for t in manifest.get("tokenizers", {}).values() if "path" in t]
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError, UnicodeDecodeError):
+        return None
+    if all((out / f).is_file() for f in files):
+        return manifest
+    return None
+
+
+def _clean_stale_temps(out: Path) -> None:
+    """Remove temp folders of earlier builds of ``out`` whose process is gone."""
+    prefix = f".{out.name}.tmp-"
+    try:
+        entries = list(out.parent.iterdir())
+    except OSError:
+        return
+    for p in entries:
+        if not p.name.startswith(prefix) or not p.is_dir():
+            continue
+        pid = p.name[len(prefix):]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+            continue  # still running
+        except ProcessLookupError:
+            shutil.rmtree(p, ignore_errors=True)
+        except PermissionError:
+            continue
+
+
+class _SplitWriters:
+    """One lazily opened webdataset.ShardWriter per split."""
+
+    def __init__(self, root: Path, maxcount: int, maxsize: float):
+        self.root, self.maxcount, self.maxsize = root, maxcount, maxsize
+        self.writers: dict[str, Any] = {}
+        self.bytes = Counter()
+
+    def write(self, split: str, encoded: dict) -> None:
+        import webdataset as wds
+        w = self.writers.get(split)
+        if w is None:
+            (self.root / split).mkdir(parents=True, exist_ok=True)
+            w = wds.ShardWriter(str(self.root / split / f"{split}-%06d.tar"), maxcount=self.maxcount,
+                                maxsize=self.maxsize, verbose=0, encoder=False, mtime=TAR_MTIME)
+            self.writers[split] = w
+        w.write(encoded)
+
+    def close(self) -> None:
+        for w in self.writers.values():
+            w.close()
+        self.writers = {}
+
+
+# --------------------------------------------------------------------------------------
+# build
+# --------------------------------------------------------------------------------------
+def build(recipe: str, out: str | Path, limit: int | None = None, progress: bool = True,
+          command: str | None = None) -> dict:
+    """Build ``recipe``'s shards, tokenizer models and manifest into ``out``; the manifest.
+
+    Args:
+        recipe: a recipe name (``recipes()`` lists them).
+        out: the folder to create; it must not exist, be empty, or hold a complete build
+            of the same recipe and limit (then nothing is done).
+        limit: at most this many samples from each of the recipe's sources (quick builds).
+        progress: show a progress bar and messages on stderr.
+        command: the command line recorded in the manifest (default: sys.argv).
+
+    Raises:
+        DataBuildError: unknown or unavailable recipe, unwritable or occupied ``out``.
+    """
+    if limit is not None and limit < 1:
+        raise DataBuildError(f"--limit must be a positive number, got {limit}")
+    out = Path(out).expanduser().absolute()
+    mod = get_recipe(recipe)
+
+    existing = _read_complete(out)
+    if existing is not None:
+        if existing.get("recipe") != recipe or existing.get("limit") != limit:
+            raise DataBuildError(
+                f"{out} already holds a complete build of recipe {existing.get('recipe')!r} with "
+                f"limit {existing.get('limit')}; remove it or choose another output folder")
+        _say(progress, f"nothing to do: {out} is already a complete build of recipe {recipe!r}")
+        return existing
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise DataBuildError(f"{out} exists and is not a complete build (no valid manifest.json); "
+                             f"remove it or choose another output folder")
+
+    ok, reason = mod.available()
+    if not ok:
+        raise DataBuildError(f"recipe {recipe!r} is not available here: {reason}")
+
+    anc = out.parent
+    while not anc.exists() and anc != anc.parent:
+        anc = anc.parent
+    if not anc.is_dir():
+        raise DataBuildError(f"cannot write to {out}: {anc} is a file, not a folder")
+    if not os.access(anc, os.W_OK | os.X_OK):
+        raise DataBuildError(f"cannot write to {out}: no write permission in {anc}")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        _clean_stale_temps(out)
+        tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+    except OSError as e:
+        raise DataBuildError(f"cannot write to {out.parent}: {e.strerror or e}") from None
+
+    try:
+        manifest = _build_into(mod, recipe, tmp, limit, progress, command)
+        try:
+            if out.exists():
+                out.rmdir()  # an empty folder (checked above)
+            os.rename(tmp, out)
+        except OSError:
+            other = _read_complete(out)  # another process finished the same build first
+            if other is None or other.get("recipe") != recipe or other.get("limit") != limit:
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
+            _say(progress, f"another build finished {out} first; kept it")
+            return other
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _say(progress, f"wrote {out}: " + ", ".join(
+        f"{s} {sum(v['samples'].values())} samples in {len(v['shards'])} shards"
+        for s, v in manifest["splits"].items()))
+    return manifest
+
+
+def _build_into(mod: ModuleType, recipe: str, tmp: Path, limit: int | None, progress: bool,
+                command: str | None) -> dict:
+    from tqdm import tqdm
+
+    t0 = time.time()
+    writers = _SplitWriters(tmp, MAXCOUNT, MAXSIZE)
+    counts: dict[str, Counter] = defaultdict(Counter)
+    keys_seen: set[str] = set()
+    task_splits: dict[str, set] = defaultdict(set)
+    own_text = not hasattr(mod, "text_corpus")
+    own_code = not hasattr(mod, "code_corpus")
+    text_lines: list[str] = []
+    code_lines: list[str] = []
+    total = None
+    if hasattr(mod, "expected_count"):
+        try:
+            total = int(mod.expected_count(limit))
+        except Exception:
+            total = None
+    bar = tqdm(total=total, desc=f"building {recipe}", unit="sample", disable=not progress,
+               file=sys.stderr, dynamic_ncols=True, mininterval=0.5)
+    try:
+        for sample in mod.samples(limit):
+            encoded = encode_sample(sample)
+            key = encoded["__key__"]
+            if key in keys_seen:
+                raise ValueError(f"recipe {recipe!r} yielded the key {key!r} twice")
+            keys_seen.add(key)
+            split = sample.get("__split__") or split_of(key)
+            if split not in SPLITS:
+                raise ValueError(f"sample {key}: unknown split {split!r}")
+            meta = sample["json"]
+            task = meta["task"]
+            writers.write(split, encoded)
+            counts[split][task] += 1
+            task_splits[task].add(split)
+            if own_text and not task.startswith("code."):
+                text_lines += [meta[f] for f in ("label", "transcript", "src", "tgt")
+                               if isinstance(meta.get(f), str)]
+            if own_code and task.startswith("code."):
+                code_lines += [meta[f] for f in ("prompt", "completion") if isinstance(meta.get(f), str)]
+            bar.update(1)
+    finally:
+        bar.close()
+        writers.close()
+    if not keys_seen:
+        raise DataBuildError(f"recipe {recipe!r} produced no samples")
+
+    # tokenizers
+    _say(progress, "training the text and code tokenizers")
+    if not own_text:
+        text_lines = list(mod.text_corpus(limit))
+    if hasattr(mod, "instructions"):
+        text_lines += list(mod.instructions())
+    if not own_code:
+        code_lines = list(mod.code_corpus(limit))
+    tokenizers = {"text": _train_tokenizer(text_lines, "text", TEXT_VOCAB, tmp / "text.model")}
+    # every build ships both models (a run needs both); a recipe without code gets a code
+    # model trained on its text corpus
+    tokenizers["code"] = _train_tokenizer(code_lines or text_lines, "code", CODE_VOCAB,
+                                          tmp / "code.model")
+    tokenizers["code"]["corpus"] = "code" if code_lines else "text (the recipe has no code)"
+    tokenizers.update(_tokenizer_specs())
+
+    # control statistics for every control task present
+    control = {}
+    tasks = sorted(task_splits)
+    ctl_tasks = [t for t in tasks if t.startswith("control.")]
+    if ctl_tasks:
+        from unimodal.data_pipelines import control as ctl
+        _say(progress, "measuring expert and random returns")
+        for t in ctl_tasks:
+            if t in ctl.TASK_ENV:
+                control[ctl.TASK_ENV[t]] = ctl.env_stats(ctl.TASK_ENV[t])
+
+    sources = _versions(["webdataset", "numpy", "sentencepiece", *getattr(mod, "SOURCES", ())])
+    sources["python"] = platform.python_version()
+    for deb in getattr(mod, "DEBIAN", ()):
+        sources[f"deb:{deb}"] = debian_version(deb) or "not installed"
+
+    splits = {}
+    size = 0
+    for split in SPLITS:
+        files = sorted((tmp / split).glob(f"{split}-*.tar")) if (tmp / split).is_dir() else []
+        size += sum(f.stat().st_size for f in files)
+        splits[split] = {"shards": [f"{split}/{f.name}" for f in files],
+                         "samples": dict(sorted(counts[split].items())),
+                         "total": sum(counts[split].values())}
+    manifest = {
+        "recipe": recipe,
+        "format_version": FORMAT_VERSION,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "command": command if command is not None else " ".join(sys.argv),
+        "limit": limit,
+        "splits": splits,
+        "tasks": tasks,
+        "test_only_tasks": [t for t in tasks if task_splits[t] == {"test"}],
+        "split_rule": "sha1(key) -> [0,1): < 0.90 train, < 0.95 val, else test; "
+                      "recipes may force a split (held-out voices, zero-shot compositions)",
+        "sources": sources,
+        "tokenizers": tokenizers,
+        "control": control,
+        "bytes": size,
+        "build_seconds": round(time.time() - t0, 1),
+        "extra": mod.manifest_extra() if hasattr(mod, "manifest_extra") else {},
+    }
+    part = tmp / "manifest.json.tmp"
+    part.write_text(json.dumps(manifest, indent=1, ensure_ascii=False) + "\n")
+    os.replace(part, tmp / "manifest.json")
+    return manifest
