@@ -4,8 +4,8 @@ The pipeline of one DataLoader worker on one rank::
 
     shards (split by rank, then by worker; resampled forever in a seeded order)
       -> wds.tarfile_to_samples        tar members grouped by key, bytes only
-      -> select                        task known, enabled, and drawn by the mixture
-      -> shuffle buffer
+      -> per-task reservoirs           raw samples kept per task (also the shuffle buffer)
+      -> mixture                       a task drawn by weight, then a sample from its reservoir
       -> decode                        json / npy(allow_pickle=False) / raw bytes; nothing else
       -> task.to_spans                 tokenizers per modality
       -> Packer                        fixed-length rows, block-causal, few pads
@@ -20,9 +20,13 @@ Design (after open_clip's webdataset pipeline):
 - Every worker yields exactly ``batches_per_epoch / num_workers`` batches per epoch on
   every rank (the stream is resampled, so it never runs dry): DDP never hangs at the end
   of an epoch waiting for a rank with fewer batches.
-- Task mixture: ``weights`` gives each task's share of the samples. With a manifest the
-  natural frequencies are known and acceptance is ``(w / freq) / max(w / freq)``, which
-  yields exactly the weighted mixture; without one, weights scale acceptance directly.
+- Task mixture: ``weights`` gives each task's share of the samples, whatever its share
+  of the shards. Every raw sample read goes into its task's reservoir (reservoir
+  sampling, ``shuffle_buffer`` per task); each sample emitted first draws a task by
+  weight, then a random sample of that task's reservoir. Reading stays at ``read_ratio``
+  raw samples per emitted one, so a rare task (55 control episodes among 22k samples) is
+  reused often instead of forcing the reader through the whole dataset to find it —
+  the same statistics as resampling its shards, at the I/O cost of the common tasks.
 - Bad data is skipped and counted per reason (``stats``, attached to every batch); when
   more than ``max_bad_fraction`` of what a shard held fails, a ``DataError`` names it.
   No member is ever unpickled: only json, npy (allow_pickle=False) and raw bytes for the
@@ -75,7 +79,9 @@ class DataConfig:
     seed: int = 0
     """Base seed of the stream; ranks, workers and epochs derive theirs from it."""
     shuffle_buffer: int = 500
-    """Samples held in the shuffle buffer of each worker."""
+    """Raw samples each worker keeps per task (the reservoir the mixture draws from)."""
+    read_ratio: float = 1.0
+    """Raw samples read from the shards per sample emitted (refreshes the reservoirs)."""
     batches_per_epoch: int = 200
     """Batches every rank yields per epoch (rounded up to a multiple of num_workers)."""
     max_bad_fraction: float = 0.05
@@ -163,17 +169,12 @@ def task_of(raw: dict) -> str | None:
         return None
 
 
-def mixture_acceptance(weights: dict[str, float], counts: dict[str, int] | None,
-                       tasks: list[str]) -> dict[str, float]:
-    """Per-task probability of keeping a sample so the kept stream follows ``weights``."""
-    w = {t: float(weights.get(t, 1.0)) for t in tasks}
-    if counts:
-        total = sum(counts.get(t, 0) for t in tasks) or 1
-        ratio = {t: w[t] / (counts[t] / total) if counts.get(t) else 0.0 for t in tasks}
-    else:
-        ratio = w
-    top = max(ratio.values(), default=0.0) or 1.0
-    return {t: r / top for t, r in ratio.items()}
+def mixture_weights(weights: dict[str, float], tasks: list[str]) -> np.ndarray:
+    """Per-task weight in ``tasks`` order (missing = 1.0, 0 disables)."""
+    w = np.array([float(weights.get(t, 1.0)) for t in tasks])
+    if (w < 0).any() or not w.sum() > 0:
+        raise DataError(f"task weights must be >= 0 with at least one > 0, got {dict(zip(tasks, w))}")
+    return w
 
 
 class StreamDataset(IterableDataset):
@@ -192,8 +193,7 @@ class StreamDataset(IterableDataset):
         self.task_index = {t: i for i, t in enumerate(self.tasks)}
         self.split = split or cfg.split
         self.urls, manifest = resolve_shards(cfg.shards, self.split)
-        counts = manifest["splits"][self.split].get("samples") if manifest else None
-        self.accept = mixture_acceptance(cfg.weights, counts, self.tasks)
+        self.weights = mixture_weights(cfg.weights, self.tasks)
         if rank is None:
             dist = torch.distributed.is_available() and torch.distributed.is_initialized()
             rank = torch.distributed.get_rank() if dist else int(os.environ.get("RANK", 0))
@@ -251,32 +251,55 @@ class StreamDataset(IterableDataset):
                n_batches: int) -> Iterator[Batch]:
         stats: Counter = Counter()
         packer = Packer(self.cfg.seq_len, self.cfg.batch_size)
-        buffer: list[dict] = []
-        emitted = 0
-        urls = self.worker_shards(worker, num_workers)
-        for raw, per_shard in self.samples(urls, rng, stats):
+        cap = max(1, self.cfg.shuffle_buffer)
+        reservoirs: list[list[dict]] = [[] for _ in self.tasks]
+        seen = np.zeros(len(self.tasks), dtype=np.int64)
+        reads = self.samples(self.worker_shards(worker, num_workers), rng, stats)
+        credit = 0.0
+
+        def read_one() -> None:
+            raw, per_shard = next(reads)
             name = task_of(raw)
             if name is None:
                 self._bad(stats, per_shard, "bad_json", raw)
+                return
+            i = self.task_index.get(name)
+            if i is None or self.weights[i] == 0:
+                stats["other_task"] += 1  # held out, disabled, or not asked for
+                return
+            raw["__per_shard__"] = per_shard
+            seen[i] += 1
+            if len(reservoirs[i]) < cap:
+                reservoirs[i].append(raw)
+            else:  # reservoir sampling: every sample read so far equally likely to be kept
+                j = int(rng.integers(seen[i]))
+                if j < cap:
+                    reservoirs[i][j] = raw
+
+        for _ in range(cap):  # warm up: the first reads fill the reservoirs
+            read_one()
+        emitted = 0
+        while True:
+            credit += self.cfg.read_ratio
+            while credit >= 1:
+                read_one()
+                credit -= 1
+            present = np.array([len(r) > 0 for r in reservoirs])
+            if not present.any():
+                read_one()
                 continue
-            if name not in self.task_index:
-                stats["other_task"] += 1  # held out, disabled or another split's task
-                continue
-            if rng.random() >= self.accept[name]:
-                continue
-            buffer.append(raw)
-            if len(buffer) < self.cfg.shuffle_buffer:
-                continue
-            raw = buffer.pop(int(rng.integers(len(buffer))))
+            p = self.weights * present
+            i = int(rng.choice(len(p), p=p / p.sum()))
+            raw = reservoirs[i][int(rng.integers(len(reservoirs[i])))]
             try:
                 sample = decode_sample(raw)
-                name = sample["json"]["task"]
-                spans = get_task(name).to_spans(sample, self.toks, rng, max_len=self.cfg.seq_len)
+                spans = get_task(self.tasks[i]).to_spans(sample, self.toks, rng, max_len=self.cfg.seq_len)
             except BadSample as e:
-                self._bad(stats, per_shard, e.reason, raw)
+                self._bad(stats, raw["__per_shard__"], e.reason, raw)
+                reservoirs[i].remove(raw)  # never draw a bad sample twice
                 continue
             stats["used"] += 1
-            for batch in packer.add(spans, self.task_index[name]):
+            for batch in packer.add(spans, i):
                 batch.stats = dict(stats, packing_efficiency=packer.efficiency, worker=worker)
                 yield batch
                 emitted += 1

@@ -213,7 +213,7 @@ _FAMILIES: list[tuple[str, callable]] = [
 
 REGISTERED = ("image.classify", "image.classify.fr", "audio.transcribe", "audio.transcribe.fr",
               "text.translate.en-fr", "text.translate.en-de", "text.translate.en-es",
-              "text.translate.fr-en", "code.complete", "control.cartpole-v1",
+              "text.translate.fr-en", "text.translate.de-en", "audio.transcribe.nl", "code.complete", "control.cartpole-v1",
               "control.mountaincar-v0", "control.acrobot-v1", "control.pendulum-v1")
 _CACHE: dict[str, Task] = {}
 

@@ -12,7 +12,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from unimodal.data_pipelines.loader import (DataConfig, DataError, StreamDataset, iter_split,
-                                            mixture_acceptance, resolve_shards)
+                                            resolve_shards)
 
 from conftest import make_samples, write_shards
 
@@ -75,18 +75,28 @@ def test_too_few_shards_for_ranks_times_workers_is_a_clear_error(shard_dir, toks
         StreamDataset(cfg(shard_dir, num_workers=4), toks, TASKS, 0, 4)
 
 
-def test_mixture_weights_set_the_share_of_each_task(shard_dir, toks):
-    counts = {"a": 900, "b": 100}
-    acc = mixture_acceptance({"a": 1.0, "b": 1.0}, counts, ["a", "b"])
-    # equal weights: a is thinned to b's rate, so each gets half of what is kept
-    assert acc["b"] == 1.0 and acc["a"] == pytest.approx(100 / 900)
-    acc = mixture_acceptance({"a": 0.0}, counts, ["a", "b"])
-    assert acc["a"] == 0.0
-    # empirically: text only vs everything
-    ds = StreamDataset(cfg(shard_dir, weights={t: (1.0 if t == "text.translate.en-fr" else 0.0) for t in TASKS}),
-                       toks, TASKS, 0, 1)
-    tasks_seen = {int(t) for b in take(ds, 2) for t in b.task[b.task >= 0].unique()}
-    assert tasks_seen == {TASKS.index("text.translate.en-fr")}
+def test_mixture_weights_set_the_share_of_each_task_whatever_its_share_of_the_shards(tmp_path, toks):
+    # 1 control episode for every 9 translations in the shards, asked for 3:1 the other way
+    samples = [s for s in make_samples(400) if s["json"]["task"] in ("text.translate.en-fr", "control.cartpole-v1")]
+    rare = [s for s in samples if s["json"]["task"] == "control.cartpole-v1"][:9]
+    common = [s for s in samples if s["json"]["task"] == "text.translate.en-fr"][:80]
+    write_shards(tmp_path, common + rare, per_shard=50)
+    tasks = ["text.translate.en-fr", "control.cartpole-v1"]
+    ds = StreamDataset(cfg(tmp_path, weights={"text.translate.en-fr": 1.0, "control.cartpole-v1": 3.0},
+                           batches_per_epoch=40, shuffle_buffer=100), toks, tasks, 0, 1)
+    per_task = Counter()
+    for b in ds:
+        for row in range(b.ids.shape[0]):
+            for sid in b.sample_ids[row].unique().tolist():
+                if sid >= 0:
+                    per_task[int(b.task[row][b.sample_ids[row] == sid][0])] += 1
+    share = per_task[1] / (per_task[0] + per_task[1])
+    assert 0.65 < share < 0.85, per_task
+    # a task with weight 0 never appears
+    ds = StreamDataset(cfg(tmp_path, weights={"control.cartpole-v1": 0.0}), toks, tasks, 0, 1)
+    assert all(set(b.task[b.task >= 0].unique().tolist()) == {0} for b in ds)
+    with pytest.raises(DataError, match="weights"):
+        StreamDataset(cfg(tmp_path, weights={t: 0.0 for t in tasks}), toks, tasks, 0, 1)
 
 
 def _damaged_shard(folder: Path, marker: Path) -> None:

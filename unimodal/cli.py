@@ -99,7 +99,7 @@ def cmd_tasks(argv: list[str]) -> int:
 
 def cmd_data(argv: list[str]) -> int:
     from unimodal.data_pipelines.__main__ import main as data_main
-    return data_main(argv)
+    return data_main(argv, prog="unimodal data")
 
 
 def cmd_tokenizer(argv: list[str]) -> int:
