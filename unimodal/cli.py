@@ -39,6 +39,24 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     return tuple(errors)
 
 
+def _dist_errors() -> tuple[type[BaseException], ...]:
+    import torch.distributed as dist
+    return tuple(e for e in (getattr(dist, "DistError", None), getattr(dist, "DistBackendError", None),
+                             getattr(dist, "DistNetworkError", None)) if e is not None)
+
+
+PEER_FAILURE_SIGNS = ("connection closed by peer", "connection reset by peer", "broken pipe",
+                      "timed out", "socket timeout", "nccl communicator was aborted", "watchdog caught")
+
+
+def _is_peer_failure(e: BaseException) -> bool:
+    """A collective failed because another rank died or hung (in a multi-process job)."""
+    if isinstance(e, _dist_errors()):
+        return True
+    multi = int(__import__("os").environ.get("WORLD_SIZE", "1")) > 1
+    return multi and any(sign in str(e).lower() for sign in PEER_FAILURE_SIGNS)
+
+
 def train_parser():
     from jsonargparse import ActionConfigFile, ArgumentParser, set_parsing_settings
 
@@ -148,6 +166,12 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except (*_dist_errors(), RuntimeError) as e:
+        if debug or not _is_peer_failure(e):
+            raise
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"error: another rank of this job stopped or cannot be reached ({first[:200]})", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -78,20 +78,28 @@ class ModelConfig:
     """Epsilon of every RMSNorm."""
 
     def __post_init__(self) -> None:
-        if self.n_kv_head is None:
-            self.n_kv_head = self.n_head
-        if self.mlp_hidden is None:
-            self.mlp_hidden = 64 * math.ceil(8 * self.d_model / 3 / 64)
+        # n_kv_head and mlp_hidden stay None when unset (read kv_heads / hidden): filling them
+        # in here would freeze them, and a later --model.d_model override would keep the old MLP
         if self.d_model % self.n_head:
             raise ValueError(f"d_model {self.d_model} is not divisible by n_head {self.n_head}")
-        if self.n_head % self.n_kv_head:
-            raise ValueError(f"n_head {self.n_head} is not divisible by n_kv_head {self.n_kv_head}")
+        if self.n_head % self.kv_heads:
+            raise ValueError(f"n_head {self.n_head} is not divisible by n_kv_head {self.kv_heads}")
         if (self.d_model // self.n_head) % 2:
             raise ValueError("head size d_model // n_head must be even for rotary embeddings")
 
     @property
     def head_dim(self) -> int:
         return self.d_model // self.n_head
+
+    @property
+    def kv_heads(self) -> int:
+        """Key/value heads in effect (n_kv_head, or n_head when unset)."""
+        return self.n_kv_head or self.n_head
+
+    @property
+    def hidden(self) -> int:
+        """SwiGLU hidden width in effect (mlp_hidden, or the multiple of 64 at or above 8/3 d_model)."""
+        return self.mlp_hidden or 64 * math.ceil(8 * self.d_model / 3 / 64)
 
 
 # ModelConfig kwargs; configs/*.yaml mirror these. The larger presets take a 32k vocabulary
@@ -171,8 +179,8 @@ class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
         self.layer_idx = layer_idx
-        self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
-        self.qkv = nn.Linear(cfg.d_model, (cfg.n_head + 2 * cfg.n_kv_head) * cfg.head_dim, bias=False)
+        self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.kv_heads, cfg.head_dim
+        self.qkv = nn.Linear(cfg.d_model, (cfg.n_head + 2 * cfg.kv_heads) * cfg.head_dim, bias=False)
         self.proj = nn.Linear(cfg.n_head * cfg.head_dim, cfg.d_model, bias=False)
         self.q_norm = RMSNorm(cfg.head_dim, eps=cfg.norm_eps) if cfg.qk_norm else nn.Identity()
         self.k_norm = RMSNorm(cfg.head_dim, eps=cfg.norm_eps) if cfg.qk_norm else nn.Identity()
@@ -202,8 +210,8 @@ class MLP(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.gate_up = nn.Linear(cfg.d_model, 2 * cfg.mlp_hidden, bias=False)
-        self.proj = nn.Linear(cfg.mlp_hidden, cfg.d_model, bias=False)
+        self.gate_up = nn.Linear(cfg.d_model, 2 * cfg.hidden, bias=False)
+        self.proj = nn.Linear(cfg.hidden, cfg.d_model, bias=False)
 
     def forward(self, x):
         gate, up = self.gate_up(x).chunk(2, dim=-1)  # (B, T, hidden) each
@@ -292,7 +300,7 @@ class Decoder(nn.Module):
         on the device and dtype of the model's parameters unless given."""
         w = self.wte.weight
         cfg = self.cfg
-        return KVCache(cfg.n_layer, batch_size, cfg.n_kv_head, max_len or cfg.max_seq_len, cfg.head_dim,
+        return KVCache(cfg.n_layer, batch_size, cfg.kv_heads, max_len or cfg.max_seq_len, cfg.head_dim,
                        device=device or w.device, dtype=dtype or w.dtype)
 
     def embed(self, ids, modality, features=None, feature_index=None, coords=None) -> torch.Tensor:

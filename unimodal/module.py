@@ -231,6 +231,9 @@ class UnimodalModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.tok_state = checkpoint.get("tokenizers", self.tok_state)
+        if self._trainer is not None and self.trainer.is_global_zero:
+            print(f"restored checkpoint {self.trainer.ckpt_path} at step {checkpoint.get('global_step')}",
+                  flush=True)
 
 
 class ThroughputCallback(L.Callback):

@@ -244,6 +244,11 @@ def _lightning():
             from torch.utils.data import DataLoader
             self.train_ds = StreamDataset(self.cfg, self.toks, self.tasks)
             self.train_ds.resume = self.trainer.global_step if self.trainer else 0
+            ds = self.train_ds
+            mine = ds.urls[ds.rank::ds.world_size]
+            if ds.world_size > 1 or os.environ.get("UNIMODAL_VERBOSE"):
+                print(f"rank {ds.rank}/{ds.world_size}: reads {len(mine)} of {len(ds.urls)} shards: "
+                      f"{', '.join(os.path.basename(u) for u in mine)}", flush=True)
             return DataLoader(self.train_ds, batch_size=None, num_workers=self.cfg.num_workers,
                               pin_memory=torch.cuda.is_available(),
                               prefetch_factor=4 if self.cfg.num_workers else None)
@@ -313,7 +318,8 @@ def make_strategy(cfg: TrainerConfig):
     timeout = dt.timedelta(seconds=cfg.timeout_s)
     if cfg.strategy == "ddp":
         from lightning.pytorch.strategies import DDPStrategy
-        return DDPStrategy(timeout=timeout)
+        # a batch may hold no image or no audio: those input projections then get no gradient
+        return DDPStrategy(timeout=timeout, find_unused_parameters=True)
     if cfg.strategy == "fsdp":
         from lightning.pytorch.strategies import FSDPStrategy
         from unimodal.model import Block
@@ -388,8 +394,11 @@ def run(cfg: TrainConfig) -> dict:
         if ckpt:
             print(f"resuming from {ckpt}", flush=True)
     trainer.fit(module, datamodule=dm, ckpt_path=ckpt)
-    if ckpt and trainer.is_global_zero:
-        print(f"restored checkpoint {ckpt}; trained to step {trainer.global_step}", flush=True)
+    if trainer.world_size > 1:
+        # identical on every rank after DDP; printed so a launch can be checked at a glance
+        checksum = sum(float(p.detach().double().sum()) for p in module.parameters())
+        print(f"rank {trainer.global_rank}/{trainer.world_size}: parameter checksum {checksum:.10e} "
+              f"at step {trainer.global_step}", flush=True)
     last = run_dir / "checkpoints" / "last.ckpt"
     result = {"run_dir": str(run_dir), "ckpt": str(last), "eval": None}
     if cfg.evaluate and trainer.is_global_zero:
