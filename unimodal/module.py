@@ -257,7 +257,7 @@ class ThroughputCallback(L.Callback):
         self.meter = Throughput(available_flops=self.peak, world_size=trainer.world_size,
                                 window_size=self.window)
         self.t0, self.paused = time.perf_counter(), 0.0
-        self.tokens = self.samples = self.step_positions = 0
+        self.tokens = self.samples = self.step_positions = self.steps = 0
 
     def on_validation_start(self, trainer, pl_module) -> None:
         self._val_t = time.perf_counter()
@@ -273,7 +273,8 @@ class ThroughputCallback(L.Callback):
         if (batch_idx + 1) % trainer.accumulate_grad_batches:
             return
         t = time.perf_counter() - self.t0 - self.paused
-        self.meter.update(time=t, batches=trainer.global_step, samples=self.samples,
+        self.steps += 1  # since this process started (a resumed run starts at a later global step)
+        self.meter.update(time=t, batches=self.steps, samples=self.samples,
                           lengths=self.tokens, flops=pl_module.flops_per_token * self.step_positions)
         self.step_positions = 0
         metrics = self.meter.compute()

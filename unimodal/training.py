@@ -11,6 +11,7 @@ import json
 import os
 import sys
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -334,6 +335,7 @@ def make_strategy(cfg: TrainerConfig):
 def run(cfg: TrainConfig) -> dict:
     """Train (and evaluate) one run; returns {'run_dir', 'ckpt', 'eval'}."""
     L, AtomicCheckpointIO, StreamDataModule, EpochCallback, PrintCallback = _lightning()
+    quiet_known_warnings()
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     from unimodal.module import ThroughputCallback, UnimodalModule
@@ -394,16 +396,40 @@ def run(cfg: TrainConfig) -> dict:
         if ckpt:
             print(f"resuming from {ckpt}", flush=True)
     trainer.fit(module, datamodule=dm, ckpt_path=ckpt)
+    last = run_dir / "checkpoints" / "last.ckpt"
+    if trainer.global_step != _saved_step(last):  # "at the end", whatever ckpt_every is
+        trainer.save_checkpoint(last)  # every rank calls it; rank 0 writes
     if trainer.world_size > 1:
         # identical on every rank after DDP; printed so a launch can be checked at a glance
         checksum = sum(float(p.detach().double().sum()) for p in module.parameters())
         print(f"rank {trainer.global_rank}/{trainer.world_size}: parameter checksum {checksum:.10e} "
               f"at step {trainer.global_step}", flush=True)
-    last = run_dir / "checkpoints" / "last.ckpt"
     result = {"run_dir": str(run_dir), "ckpt": str(last), "eval": None}
     if cfg.evaluate and trainer.is_global_zero:
         result["eval"] = final_evaluation(cfg, module, toks, run_dir, trainer)
     return result
+
+
+def _saved_step(path: Path) -> int | None:
+    if not path.exists():
+        return None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("global_step")
+    except Exception:  # a checkpoint we cannot read is simply rewritten
+        return None
+
+
+def quiet_known_warnings() -> None:
+    """Lightning warnings that do not apply to this design (each one checked)."""
+    for pattern in (
+        r".*IterableDataset.*has `__len__` defined.*",  # each worker yields exactly its share
+        r".*resuming from a checkpoint that ended before the epoch ended.*",  # stream re-seeded on resume
+        r".*overridden `transfer_batch_to_device`.*",  # the module's Batch.to is the one we want
+        r".*`isinstance\(treespec, LeafSpec\)` is deprecated.*",
+        r".*Checkpoint directory .* exists and is not empty.*",  # resuming into the same run
+        r".*callbacks used to create the checkpoint need to be provided.*",  # ckpt_every changed
+    ):
+        warnings.filterwarnings("ignore", message=pattern)
 
 
 def _count_model(mcfg: ModelConfig):
