@@ -346,35 +346,3 @@ def iter_split(shards: str, split: str, tasks: list[str] | None = None,
             yield decode_sample(raw)
         except BadSample as e:
             stats[f"skipped_{e.reason}"] += 1
-
-
-class SplitDataset(IterableDataset):
-    """One ordered pass over a split, packed into Batches (validation and test metrics).
-
-    Not split across ranks: every rank sees the whole split (metrics are summed, so use it
-    on one rank or divide the result); keep it for small evaluation splits.
-    """
-
-    def __init__(self, shards: str, split: str, toks: Tokenizers, tasks: list[str], seq_len: int,
-                 batch_size: int, max_samples: int | None = None):
-        self.shards, self.split, self.toks, self.tasks = shards, split, toks, list(tasks)
-        self.seq_len, self.batch_size, self.max_samples = seq_len, batch_size, max_samples
-        self.stats: Counter = Counter()
-
-    def __iter__(self) -> Iterator[Batch]:
-        packer = Packer(self.seq_len, self.batch_size)
-        index = {t: i for i, t in enumerate(self.tasks)}
-        seen: Counter = Counter()
-        rng = np.random.default_rng(0)
-        for sample in iter_split(self.shards, self.split, self.tasks, self.stats):
-            name = sample["json"].get("task")
-            if self.max_samples is not None and seen[name] >= self.max_samples:
-                continue
-            try:
-                spans = get_task(name).to_spans(sample, self.toks, rng, max_len=self.seq_len)
-            except BadSample as e:
-                self.stats[f"skipped_{e.reason}"] += 1
-                continue
-            seen[name] += 1
-            yield from packer.add(spans, index[name])
-        yield from packer.flush()

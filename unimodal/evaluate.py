@@ -297,7 +297,7 @@ def _default_tasks(um: Unimodal, present: Sequence[str]) -> list[str]:
 def evaluate(model: Unimodal, shards: str, split: str = "test", tasks: Sequence[str] | None = None,
              episodes: int = 20, seed: int = ctl.EVAL_SEED_START,
              max_samples_per_task: int | None = None, progress: bool = False,
-             batch_size: int = 32) -> dict:
+             batch_size: int = 32, examples: dict | None = None) -> dict:
     """Every task's metrics of ``model`` on a shard split, plus control roll-outs.
 
     Args:
@@ -311,6 +311,8 @@ def evaluate(model: Unimodal, shards: str, split: str = "test", tasks: Sequence[
         max_samples_per_task: read at most this many samples of each task.
         progress: progress bars and messages on stderr.
         batch_size: prompts decoded together.
+        examples: if given, filled with ``{task: [(sample, prediction, reference), ...]}``
+            (the first few of each task, inputs included) for logging.
 
     Returns:
         ``{"tasks": {name: {metric: value}}, "meta": {...}}``; accuracies and exact
@@ -369,7 +371,8 @@ def evaluate(model: Unimodal, shards: str, split: str = "test", tasks: Sequence[
                 if not samples:
                     meta_tasks[name] = {"skipped": f"no samples in split {split}"}
                     continue
-                results[name] = _sample_task(model, name, samples, shards, batch_size, skipped, bar)
+                results[name] = _sample_task(model, name, samples, shards, batch_size, skipped, bar,
+                                             examples)
             meta_tasks[name] = {"seconds": round(time.perf_counter() - t0, 2),
                                 **({"skipped": dict(skipped)} if skipped else {})}
     finally:
@@ -389,8 +392,9 @@ def evaluate(model: Unimodal, shards: str, split: str = "test", tasks: Sequence[
 
 
 def _sample_task(um: Unimodal, name: str, samples: list[dict], shards: str, batch_size: int,
-                 skipped: Counter, bar) -> dict[str, float]:
-    """Metrics of one non-control task on its samples."""
+                 skipped: Counter, bar, examples: dict | None = None) -> dict[str, float]:
+    """Metrics of one non-control task on its samples (a few (sample, prediction,
+    reference) go into ``examples`` when given)."""
     family = name.split(".")[0]
     if family == "code":
         out: dict[str, float] = {}
@@ -413,19 +417,34 @@ def _sample_task(um: Unimodal, name: str, samples: list[dict], shards: str, batc
         return out
 
     preds, refs, kept = generate_answers(um, name, samples, batch_size, skipped, bar=bar)
+    if examples is not None:
+        examples[name] = [(s, p, r) for s, p, r in zip(kept[:4], preds[:4], refs[:4])]
     if family == "text":
         out = translation_scores(preds, refs)
+        domains: dict[str, list[int]] = defaultdict(list)
+        for i, s in enumerate(kept):
+            domain = (s.get("json") or {}).get("domain")
+            if isinstance(domain, str) and domain:
+                domains[domain].append(i)
+        for domain, idx in sorted(domains.items()):  # e.g. chrf_numbers: the number words alone
+            scores = translation_scores([preds[i] for i in idx], [refs[i] for i in idx])
+            out[f"chrf_{domain}"] = scores["chrf"]
+            out[f"exact_match_{domain}"] = scores["exact_match"]
     else:
         out = {"accuracy": accuracy(preds, refs)}
     if family == "audio":
         groups: dict[str, list[int]] = defaultdict(list)
         for i, s in enumerate(kept):
-            subset = (s.get("json") or {}).get("subset")
+            meta = s.get("json") or {}
+            subset = meta.get("subset")
             if isinstance(subset, str) and subset:
                 groups[subset].append(i)
+                if meta.get("heldout_voice"):  # accents never heard in training
+                    groups[f"{subset}_heldout"].append(i)
         for subset, idx in sorted(groups.items()):
-            key = {"digits": "accuracy_digits", "phrases": "exact_match_phrases"}.get(subset, f"accuracy_{subset}")
-            out[key] = accuracy([preds[i] for i in idx], [refs[i] for i in idx])
+            base, _, tail = subset.partition("_")
+            key = {"digits": "accuracy_digits", "phrases": "exact_match_phrases"}.get(base, f"accuracy_{base}")
+            out[key + (f"_{tail}" if tail else "")] = accuracy([preds[i] for i in idx], [refs[i] for i in idx])
     out["samples"] = len(refs)
     return out
 

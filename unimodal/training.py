@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from unimodal.data_pipelines.loader import DataConfig, DataError, SplitDataset, StreamDataset, resolve_shards
+from unimodal.data_pipelines.loader import DataConfig, DataError, StreamDataset, resolve_shards
 from unimodal.data_pipelines.tasks import get_task
 from unimodal.model import ModelConfig
 from unimodal.module import OptimConfig
@@ -443,60 +443,48 @@ def to_dict(cfg) -> dict:
 
 
 def final_evaluation(cfg: TrainConfig, module, toks: Tokenizers, run_dir: Path, trainer) -> dict:
-    """Evaluate on the test split, print a Markdown table, write run_dir/eval.json."""
-    try:
-        from unimodal.evaluate import evaluate, markdown_table, write_json
-        from unimodal.generate import Unimodal
-    except ImportError:
-        evaluate = None
+    """Evaluate last.ckpt on the test split: Markdown table on stdout, run_dir/eval.json, and
+    to W&B the metrics plus a table of sample predictions with their real inputs."""
+    from unimodal.evaluate import evaluate, markdown_table, write_json
+    from unimodal.generate import Unimodal
+
     t = time.perf_counter()
-    if evaluate is not None:
-        model = Unimodal.from_checkpoint(run_dir / "checkpoints" / "last.ckpt")
-        results = evaluate(model, cfg.data.shards, split="test", episodes=cfg.eval_episodes,
-                           max_samples_per_task=cfg.eval_max_samples)
-    else:
-        results = teacher_forced_eval(cfg, module, toks)
-        markdown_table = _table
-        write_json = lambda r, p: atomic_write_text(Path(p), json.dumps(r, indent=2))  # noqa: E731
+    model = Unimodal.from_checkpoint(run_dir / "checkpoints" / "last.ckpt", device=module.device)
+    examples: dict = {}
+    results = evaluate(model, cfg.data.shards, split="test", episodes=cfg.eval_episodes,
+                       max_samples_per_task=cfg.eval_max_samples, examples=examples)
     results.setdefault("meta", {})["seconds"] = round(time.perf_counter() - t, 1)
     write_json(results, run_dir / "eval.json")
+    print(f"evaluation on the test split ({results['meta']['seconds']:.0f} s):", flush=True)
     print(markdown_table(results), flush=True)
     print(f"wrote {run_dir / 'eval.json'}", flush=True)
     if trainer.logger:
-        with contextlib.suppress(Exception):
-            flat = {f"eval/{k}/{task}": v for task, ms in results["tasks"].items()
-                    for k, v in ms.items() if isinstance(v, (int, float))}
-            trainer.logger.log_metrics(flat, step=trainer.global_step)
+        flat = {f"eval/{task}/{k}": v for task, ms in results["tasks"].items()
+                for k, v in ms.items() if isinstance(v, (int, float))}
+        trainer.logger.log_metrics(flat, step=trainer.global_step)
+        log_prediction_table(trainer.logger, examples, model.toks)
     return results
 
 
-def teacher_forced_eval(cfg: TrainConfig, module, toks: Tokenizers) -> dict:
-    """Per-task loss, answer-token accuracy and exact match on the test split."""
-    from unimodal.module import UnimodalModule  # noqa: F401
-    tasks_all = module.tasks
-    ds = SplitDataset(cfg.data.shards, "test", toks, tasks_all, cfg.data.seq_len,
-                      cfg.data.batch_size, max_samples=cfg.eval_max_samples)
-    module.eval()
-    module._val_acc = {}
-    with torch.no_grad():
-        for batch in ds:
-            module._accumulate(batch.to(module.device))
-    acc = module._val_acc
-    out = {}
-    for i, name in enumerate(tasks_all):
-        if acc and acc["tokens"][i] > 0:
-            out[name] = {"loss": float(acc["loss"][i] / acc["tokens"][i]),
-                         "token_accuracy": float(acc["acc"][i] / acc["tokens"][i]),
-                         "exact_match": float(acc["exact"][i] / acc["samples"][i].clamp_min(1)),
-                         "samples": int(acc["samples"][i])}
-    return {"tasks": out, "meta": {"split": "test", "method": "teacher-forced"}}
+def log_prediction_table(logger, examples: dict, toks: Tokenizers) -> None:
+    """A W&B table: task, the real input (wandb.Image / wandb.Audio / text), prediction, reference."""
+    import io
 
+    import numpy as np
+    import wandb
 
-def _table(results: dict) -> str:
-    rows = results["tasks"]
-    cols = sorted({k for m in rows.values() for k in m})
-    lines = ["| task | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
-    for name, m in rows.items():
-        cells = [f"{m[c]:.4g}" if isinstance(m.get(c), float) else str(m.get(c, "")) for c in cols]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    table = wandb.Table(columns=["task", "input", "prompt", "prediction", "reference"])
+    for task, rows in examples.items():
+        for sample, pred, ref in rows:
+            meta = sample.get("json") or {}
+            media, prompt = None, meta.get("src") or meta.get("prompt") or ""
+            if sample.get("png") is not None:
+                pixels = toks.image.pixels(sample["png"])  # what the model saw, [H, W, C] in [0, 1]
+                media = wandb.Image((pixels[..., 0] if pixels.shape[-1] == 1 else pixels) * 255.0)
+            for member in ("flac", "wav", "ogg"):
+                if sample.get(member) is not None:
+                    import soundfile as sf
+                    wave, rate = sf.read(io.BytesIO(sample[member]), dtype="float32")
+                    media = wandb.Audio(np.asarray(wave), sample_rate=rate)
+            table.add_data(task, media, prompt, pred, ref)
+    logger.experiment.log({"eval/predictions": table})
