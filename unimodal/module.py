@@ -132,11 +132,15 @@ class UnimodalModule(L.LightningModule):
         loss = loss_tok.sum() / batch.weights[mask].float().sum().clamp_min(1e-6)
         return logits, loss_tok, mask, loss
 
+    def _log_now(self) -> bool:
+        """True on the step that ends a log interval (global_step counts finished steps)."""
+        return (self.global_step + 1) % max(1, self.trainer.log_every_n_steps) == 0
+
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         logits, loss_tok, mask, loss = self._step(batch)
         B = batch.ids.shape[0]
         self.log("train/loss", loss, prog_bar=True, batch_size=B)
-        if self.global_step % max(1, self.trainer.log_every_n_steps) == 0:
+        if self._log_now():
             sums, counts = per_task(loss_tok.detach(), mask, batch.task, len(self.tasks))
             for i, name in enumerate(self.tasks):
                 if counts[i] > 0:
@@ -211,7 +215,7 @@ class UnimodalModule(L.LightningModule):
         self._report("test")
 
     def on_before_optimizer_step(self, optimizer) -> None:
-        if self.global_step % max(1, self.trainer.log_every_n_steps) == 0:
+        if self._log_now():
             norms = [p.grad.detach().float().norm() for p in self.parameters() if p.grad is not None]
             if norms:
                 self.log("train/grad_norm", torch.stack(norms).norm())
@@ -303,15 +307,15 @@ def device_peak_flops(device: torch.device, dtype: torch.dtype) -> float | None:
     return peak
 
 
-def measure_matmul_flops(dtype: torch.dtype = torch.bfloat16, n: int = 2048, repeats: int = 5) -> float:
-    """Measured FLOP/s of an n x n matrix product on this CPU (median of ``repeats``)."""
+def measure_matmul_flops(dtype: torch.dtype = torch.bfloat16, n: int = 2048, repeats: int = 7) -> float:
+    """Peak FLOP/s of an n x n matrix product on this CPU: the best of ``repeats`` (a peak is
+    what the machine can do; the median would fold in whatever else was running)."""
     a = torch.randn(n, n, dtype=dtype)
     b = torch.randn(n, n, dtype=dtype)
     a @ b  # warm-up
-    times = []
+    best = float("inf")
     for _ in range(repeats):
         t = time.perf_counter()
         a @ b
-        times.append(time.perf_counter() - t)
-    times.sort()
-    return 2 * n**3 / times[len(times) // 2]
+        best = min(best, time.perf_counter() - t)
+    return 2 * n**3 / best
