@@ -342,8 +342,9 @@ class Decoder(nn.Module):
         return (same & causal)[:, None]  # (B, 1, T, L)
 
     def forward(self, ids, modality, positions, sample_ids=None, features=None, feature_index=None,
-                coords=None, kv_cache: KVCache | None = None) -> torch.Tensor:
-        """Logits [B, T, V] of the next token at every position.
+                coords=None, kv_cache: KVCache | None = None,
+                output_index: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits [B, T, V] of the next token at every position (or [N, V] at ``output_index``).
 
         Args:
             ids: int64 [B, T] token ids (any value where a continuous input goes).
@@ -357,6 +358,9 @@ class Decoder(nn.Module):
             coords: name -> int64 [N_m, 2] (row, col) of each input, clamped to max_coord-1.
             kv_cache: from ``new_cache``; this call's keys and values are appended and the
                 tokens attend to everything cached before them. Positions are the caller's.
+            output_index: int64 [N] flat indices into B*T: only those positions go through the
+                final norm and the head (training needs logits only where a target is; with
+                answers a small share of the row, this skips most of the head's work).
         """
         B, T = ids.shape
         x = self.embed(ids, modality, features, feature_index, coords)  # (B, T, d)
@@ -366,7 +370,9 @@ class Decoder(nn.Module):
             x = block(x, cos, sin, mask, kv_cache)  # (B, T, d)
         if kv_cache is not None:
             kv_cache.advance(T)
-        return self.head(self.norm(x))  # (B, T, V)
+        if output_index is not None:
+            x = rearrange(x, "b t d -> (b t) d")[output_index]  # (N, d)
+        return self.head(self.norm(x))  # (B, T, V) or (N, V)
 
 
 def token_loss(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor | None = None,

@@ -65,11 +65,12 @@ class _Schedule:
 
 def per_task(values: torch.Tensor, mask: torch.Tensor, task: torch.Tensor, n_tasks: int):
     """Sums and counts of ``values`` over ``mask``-ed positions, per task index -> ([n], [n])."""
-    idx = torch.where(mask, task, torch.full_like(task, n_tasks)).flatten().clamp(0, n_tasks)
+    keep = mask & (task >= 0) & (task < n_tasks)
+    idx = torch.where(keep, task, torch.full_like(task, n_tasks)).flatten()
     sums = torch.zeros(n_tasks + 1, device=values.device, dtype=torch.float32)
     counts = torch.zeros(n_tasks + 1, device=values.device, dtype=torch.float32)
-    sums.index_add_(0, idx, values.float().flatten())
-    counts.index_add_(0, idx, mask.float().flatten())
+    sums.index_add_(0, idx, torch.where(keep, values.float(), 0.0).flatten())
+    counts.index_add_(0, idx, keep.float().flatten())
     return sums[:n_tasks], counts[:n_tasks]
 
 
@@ -121,27 +122,34 @@ class UnimodalModule(L.LightningModule):
             return False
 
     def forward(self, batch: Batch) -> torch.Tensor:
+        """Logits [B, T, V] at every position."""
         return self.model(**batch.model_inputs())
 
     def transfer_batch_to_device(self, batch, device, dataloader_idx):
         return batch.to(device, non_blocking=True) if isinstance(batch, Batch) else batch
 
     def _step(self, batch: Batch):
-        logits = self(batch)  # (B, T, V)
-        loss_tok, mask = token_loss(logits, batch.targets, batch.weights, self.model_cfg.z_loss)
-        loss = loss_tok.sum() / batch.weights[mask].float().sum().clamp_min(1e-6)
-        return logits, loss_tok, mask, loss
+        """Loss at the target positions only: logits [N, V], per-target loss [N], the flat
+        indices [N] of those positions, and the weighted mean loss."""
+        idx = ((batch.targets != -100) & (batch.weights != 0)).flatten().nonzero().squeeze(1)  # (N,)
+        logits = self.model(**batch.model_inputs(), output_index=idx)  # (N, V)
+        loss_tok, mask = token_loss(logits, batch.targets.flatten()[idx], batch.weights.flatten()[idx],
+                                    self.model_cfg.z_loss)
+        loss = loss_tok.sum() / batch.weights.flatten()[idx].float().sum().clamp_min(1e-6)
+        return logits, loss_tok, idx, loss
 
     def _log_now(self) -> bool:
         """True on the step that ends a log interval (global_step counts finished steps)."""
         return (self.global_step + 1) % max(1, self.trainer.log_every_n_steps) == 0
 
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
-        logits, loss_tok, mask, loss = self._step(batch)
+        logits, loss_tok, idx, loss = self._step(batch)
         B = batch.ids.shape[0]
         self.log("train/loss", loss, prog_bar=True, batch_size=B)
         if self._log_now():
-            sums, counts = per_task(loss_tok.detach(), mask, batch.task, len(self.tasks))
+            task = batch.task.flatten()[idx]
+            sums, counts = per_task(loss_tok.detach(), torch.ones_like(task, dtype=torch.bool), task,
+                                    len(self.tasks))
             for i, name in enumerate(self.tasks):
                 if counts[i] > 0:
                     self.log(f"train/loss/{name}", sums[i] / counts[i], batch_size=B)
@@ -159,24 +167,21 @@ class UnimodalModule(L.LightningModule):
         self._accumulate(batch)
 
     def _accumulate(self, batch: Batch) -> None:
-        logits, loss_tok, mask, _ = self._step(batch)
+        logits, loss_tok, idx, _ = self._step(batch)
         n = len(self.tasks)
-        correct = (logits.argmax(-1) == batch.targets) & mask
-        loss_s, tok_n = per_task(loss_tok, mask, batch.task, n)
-        acc_s, _ = per_task(correct.float(), mask, batch.task, n)
+        targets, task = batch.targets.flatten()[idx], batch.task.flatten()[idx]  # (N,)
+        every = torch.ones_like(task, dtype=torch.bool)
+        correct = logits.argmax(-1) == targets  # (N,)
+        loss_s, tok_n = per_task(loss_tok, every, task, n)
+        acc_s, _ = per_task(correct.float(), every, task, n)
         # a sample is exactly right when none of its target tokens is wrong
         B, T = batch.ids.shape
-        key = torch.where(batch.sample_ids >= 0, batch.sample_ids + T * torch.arange(B, device=self.device)[:, None], -1)
-        wrong = (mask & ~correct).flatten()
-        has_target = mask.flatten()
-        flat_key = key.flatten().clamp_min(0)
-        nkeys = B * T
-        wrong_by = torch.zeros(nkeys, device=self.device).index_add_(0, flat_key, wrong.float())
-        tgt_by = torch.zeros(nkeys, device=self.device).index_add_(0, flat_key, has_target.float())
-        task_by = torch.full((nkeys,), n, device=self.device, dtype=torch.long)
-        task_by.scatter_(0, flat_key[has_target], batch.task.flatten()[has_target])
-        real = tgt_by > 0
-        ex_s, ex_n = per_task((wrong_by == 0).float(), real, task_by, n)
+        row = idx // T
+        sample_key = row * T + batch.sample_ids.flatten()[idx]  # unique per packed sample
+        keys, inverse = torch.unique(sample_key, return_inverse=True)
+        wrong = torch.zeros(len(keys), device=self.device).index_add_(0, inverse, (~correct).float())
+        key_task = torch.zeros(len(keys), dtype=torch.long, device=self.device).scatter_(0, inverse, task)
+        ex_s, ex_n = per_task((wrong == 0).float(), torch.ones_like(key_task, dtype=torch.bool), key_task, n)
         acc = self._val_acc
         for name, t in (("loss", loss_s), ("tokens", tok_n), ("acc", acc_s), ("exact", ex_s), ("samples", ex_n)):
             acc[name] = acc.get(name, 0) + t
