@@ -260,9 +260,12 @@ class ThroughputCallback(L.Callback):
         self.tokens_per_s: float | None = None
         self.mfu: float | None = None
 
-    def on_train_start(self, trainer, pl_module) -> None:
+    def on_fit_start(self, trainer, pl_module) -> None:
+        # before the DataLoader workers start: they would share the cores with the measurement
         dtype = torch.bfloat16 if "bf16" in str(trainer.precision) else torch.float32
         self.peak = device_peak_flops(pl_module.device, dtype)
+
+    def on_train_start(self, trainer, pl_module) -> None:
         self.meter = Throughput(available_flops=self.peak, world_size=trainer.world_size,
                                 window_size=self.window)
         self.t0, self.paused = time.perf_counter(), 0.0
