@@ -27,7 +27,7 @@ def launch(node_rank: int, port: int, shard_dir: Path, out: Path, steps: int, ex
            "--nproc_per_node", "1", "--master_addr", "127.0.0.1", "--master_port", str(port),
            str(ROOT / "train.py"), "--data.shards", str(shard_dir), "--tasks", TASKS,
            "--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.num_nodes", "2",
-           "--trainer.strategy", "ddp", "--trainer.precision", "32-true", "--trainer.max_steps", str(steps),
+           "--trainer.strategy", "ddp", "--trainer.precision", "32-true", "--trainer.compile", "false", "--trainer.max_minutes", "null", "--trainer.max_steps", str(steps),
            "--trainer.log_every_n_steps", "1", "--trainer.val_every_n_steps", "1000",
            "--trainer.timeout_s", "20", "--data.batch_size", "2", "--data.seq_len", "128",
            "--data.num_workers", "0", "--data.shuffle_buffer", "20", "--data.batches_per_epoch", "3",

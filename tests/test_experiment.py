@@ -18,7 +18,7 @@ def test_one_vs_many_trains_specialists_and_a_generalist_and_writes_the_report(s
     cfg = {"model": {"n_layer": 1, "d_model": 64, "n_head": 2},
            "data": {"shards": str(shard_dir), "batch_size": 2, "seq_len": 128, "num_workers": 0,
                     "shuffle_buffer": 20, "batches_per_epoch": 4},
-           "trainer": {"precision": "32-true", "val_every_n_steps": 1000, "log_every_n_steps": 1},
+           "trainer": {"precision": "32-true", "compile": False, "max_minutes": None, "val_every_n_steps": 1000, "log_every_n_steps": 1},
            "out_dir": str(tmp_path)}
     path = tmp_path / "tiny.yaml"
     path.write_text(yaml.safe_dump(cfg))

@@ -24,7 +24,7 @@ def tiny_args(shard_dir, out, *extra):
             "--data.batch_size", "2", "--data.seq_len", "128", "--data.num_workers", "0",
             "--data.shuffle_buffer", "20", "--data.batches_per_epoch", "4",
             "--trainer.log_every_n_steps", "1", "--trainer.val_every_n_steps", "4",
-            "--trainer.val_batches", "2", "--trainer.precision", "32-true",
+            "--trainer.val_batches", "2", "--trainer.precision", "32-true", "--trainer.compile", "false", "--trainer.max_minutes", "null",
             "--logger", "false", "--eval_max_samples", "3", "--eval_episodes", "1", *extra]
 
 

@@ -32,9 +32,9 @@ class ConfigError(ValueError):
 class TrainerConfig:
     """Devices, precision, parallelism and the loop's length (Lightning Trainer settings)."""
 
-    max_steps: int = 1500
+    max_steps: int = 1200
     """Optimiser steps to train for."""
-    max_minutes: float | None = None
+    max_minutes: float | None = 12.5
     """Stop after this many minutes of training, whatever the step (None: no limit)."""
     accelerator: str = "auto"
     """cpu, gpu/cuda, or auto."""
@@ -56,8 +56,8 @@ class TrainerConfig:
     """Validate every this many steps (and at the end)."""
     val_batches: int = 8
     """Batches of the validation stream per validation."""
-    compile: bool = False
-    """torch.compile each transformer block."""
+    compile: bool = True
+    """torch.compile each transformer block (~20 s of compiling; 1.2-1.4x faster steps on this CPU)."""
     activation_checkpointing: bool = False
     """Recompute block activations in backward (saves memory, costs ~30% compute)."""
     timeout_s: int = 600
