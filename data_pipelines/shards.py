@@ -409,7 +409,9 @@ def _build_into(mod: ModuleType, recipe: str, tmp: Path, limit: int | None, prog
     _say(progress, "training the text and code tokenizers")
     if not own_text:
         text_lines = list(mod.text_corpus(limit))
-    if hasattr(mod, "instructions"):
+    from .tasks import all_instructions
+    text_lines += all_instructions()  # every task's instruction is text the model reads
+    if hasattr(mod, "instructions"):  # a recipe may add its own
         text_lines += list(mod.instructions())
     if not own_code:
         code_lines = list(mod.code_corpus(limit))

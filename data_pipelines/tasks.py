@@ -89,34 +89,36 @@ class Task:
         return spans
 
 
-class ImageClassify(Task):
+class _MediaTask(Task):
+    """A task whose input is one image or audio member, read by that modality's tokenizer."""
+
+    members: tuple[str, ...] = ()
+    modality: str = ""
+    markers: tuple[str, str] = ("", "")
+    field: str = ""
+    errors: tuple[type[BaseException], ...] = (ValueError, OSError)
+
     def inputs(self, sample, toks):
-        member = next((k for k in ("png", "jpg", "jpeg") if sample.get(k) is not None), None)
+        member = next((k for k in self.members if sample.get(k) is not None), None)
         if member is None:
-            raise BadSample("missing_member", "png")
+            raise BadSample("missing_member", self.members[0])
         try:
-            span = toks.image.encode(sample[member])
-        except (ValueError, OSError) as e:
-            raise BadSample("bad_image", str(e)) from None
-        return [special("<img>"), span, special("</img>")]
+            span = getattr(toks, self.modality).encode(sample[member])
+        except self.errors as e:
+            raise BadSample(f"bad_{self.modality}", str(e)) from None
+        return [special(self.markers[0]), span, special(self.markers[1])]
 
     def answer(self, sample):
-        return _field(sample, "label")
+        return _field(sample, self.field)
 
 
-class AudioTranscribe(Task):
-    def inputs(self, sample, toks):
-        member = next((k for k in ("flac", "wav", "ogg") if sample.get(k) is not None), None)
-        if member is None:
-            raise BadSample("missing_member", "flac")
-        try:
-            span = toks.audio.encode(sample[member])
-        except (ValueError, RuntimeError, OSError) as e:
-            raise BadSample("bad_audio", str(e)) from None
-        return [special("<audio>"), span, special("</audio>")]
+class ImageClassify(_MediaTask):
+    members, modality, markers, field = ("png", "jpg", "jpeg"), "image", ("<img>", "</img>"), "label"
 
-    def answer(self, sample):
-        return _field(sample, "transcript")
+
+class AudioTranscribe(_MediaTask):
+    members, modality, markers, field = ("flac", "wav", "ogg"), "audio", ("<audio>", "</audio>"), "transcript"
+    errors = (ValueError, RuntimeError, OSError)
 
 
 class Translate(Task):

@@ -22,6 +22,14 @@ CODE_CORPUS = ["def f(x):\n", "    return x + 1\n", "\n", "class A:\n", "    pas
                "for i in range(10):\n", "        print(i)\n"] * 20
 
 
+# small corpora and task list shared by the generation and evaluation tests
+GEN_TEXT = ["translate english to french.", "classify this image. answer in english.",
+            "zero one two three four five six seven eight nine", "un deux trois quatre cinq six",
+            "write what is said, in english.", "act in cartpole-v1."]
+GEN_CODE = ["def f(x):\n", "    return x + 1\n", "for i in range(10):\n", "    print(i)\n"]
+GEN_TASKS = ["image.classify", "text.translate.en-fr", "code.complete", "control.cartpole-v1"]
+
+
 @pytest.fixture(scope="session")
 def toks():
     from unimodal.tokenizers.text import train_sentencepiece

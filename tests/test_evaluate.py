@@ -25,11 +25,7 @@ from unimodal.module import UnimodalModule
 from unimodal.tokenizers.text import train_sentencepiece
 from unimodal.tokenizers.vocab import Tokenizers
 
-TEXT = ["translate english to french.", "classify this image. answer in english.",
-        "zero one two three four five six seven eight nine", "un deux trois quatre cinq six",
-        "write what is said, in english.", "act in cartpole-v1."]
-CODE = ["def f(x):\n", "    return x + 1\n", "for i in range(10):\n", "    print(i)\n"]
-TASKS = ["image.classify", "text.translate.en-fr", "code.complete", "control.cartpole-v1"]
+from conftest import GEN_CODE as CODE, GEN_TASKS as TASKS, GEN_TEXT as TEXT
 
 
 @pytest.fixture(scope="module")

@@ -92,12 +92,6 @@ def expected_count(limit: int | None = None) -> int:
     return 31_102 if limit is None else min(limit, 31_102)
 
 
-def instructions() -> list[str]:
-    try:
-        from unimodal.data_pipelines.tasks import all_instructions
-        return list(all_instructions())
-    except Exception:
-        return ["translate english to spanish."]
 
 
 def manifest_extra() -> dict:

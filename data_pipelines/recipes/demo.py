@@ -78,15 +78,6 @@ EPISODES_PER_ENV = 60
 NOISY_EVERY = 6  # every 6th episode is epsilon-noisy
 EPSILON = 0.2
 
-INSTRUCTIONS_FALLBACK = [
-    "classify this image. answer in english.", "classify this image. answer in french.",
-    "write what is said, in english.", "write what is said, in french.",
-    "translate english to french.", "translate english to german.",
-    "translate english to spanish.", "translate french to english.",
-    "translate german to english.", "complete this python code.",
-    "act in cartpole-v1.", "act in mountaincar-v0.", "act in acrobot-v1.", "act in pendulum-v1.",
-]
-
 _STATS: dict = {}
 
 
@@ -567,13 +558,6 @@ def samples(limit: int | None = None) -> Iterator[dict]:
                             (counts["control"], _control(limit))])
 
 
-def instructions() -> list[str]:
-    """The task instructions (the lead's task registry, or a fixed fallback list)."""
-    try:
-        from unimodal.data_pipelines.tasks import all_instructions
-        return list(all_instructions())
-    except Exception:
-        return list(INSTRUCTIONS_FALLBACK)
 
 
 def text_corpus(limit: int | None = None) -> Iterator[str]:
@@ -602,7 +586,6 @@ def code_corpus(limit: int | None = None) -> Iterator[str]:
 
 def manifest_extra() -> dict:
     extra = {k: v for k, v in _STATS.items()}
-    extra["instructions"] = len(instructions())
     extra["limit_semantics"] = ("limit caps each source: images, digit clips, phrase clips, "
                                 "number translations, CLDR pairs, code samples per mode, "
                                 "episodes per environment")

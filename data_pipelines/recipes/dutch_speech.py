@@ -91,12 +91,6 @@ def text_corpus(limit: int | None = None) -> Iterator[str]:
         yield d["english"]
 
 
-def instructions() -> list[str]:
-    try:
-        from unimodal.data_pipelines.tasks import all_instructions
-        return list(all_instructions())
-    except Exception:
-        return ["write what is said, in dutch."]
 
 
 def manifest_extra() -> dict:

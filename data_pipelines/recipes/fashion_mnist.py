@@ -80,12 +80,6 @@ def text_corpus(limit: int | None = None) -> list[str]:
     return list(CLASSES)
 
 
-def instructions() -> list[str]:
-    try:
-        from unimodal.data_pipelines.tasks import all_instructions
-        return list(all_instructions())
-    except Exception:
-        return ["classify this image. answer in english."]
 
 
 def manifest_extra() -> dict:
