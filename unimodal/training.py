@@ -473,18 +473,21 @@ def log_prediction_table(logger, examples: dict, toks: Tokenizers) -> None:
     import numpy as np
     import wandb
 
-    table = wandb.Table(columns=["task", "input", "prompt", "prediction", "reference"])
+    # one column per kind of input: a W&B column holds one media type
+    table = wandb.Table(columns=["task", "image", "audio", "text_input", "prediction", "reference"],
+                        allow_mixed_types=True)
     for task, rows in examples.items():
         for sample, pred, ref in rows:
             meta = sample.get("json") or {}
-            media, prompt = None, meta.get("src") or meta.get("prompt") or ""
+            image = audio = None
             if sample.get("png") is not None:
                 pixels = toks.image.pixels(sample["png"])  # what the model saw, [H, W, C] in [0, 1]
-                media = wandb.Image((pixels[..., 0] if pixels.shape[-1] == 1 else pixels) * 255.0)
+                image = wandb.Image((pixels[..., 0] if pixels.shape[-1] == 1 else pixels) * 255.0)
             for member in ("flac", "wav", "ogg"):
                 if sample.get(member) is not None:
                     import soundfile as sf
                     wave, rate = sf.read(io.BytesIO(sample[member]), dtype="float32")
-                    media = wandb.Audio(np.asarray(wave), sample_rate=rate)
-            table.add_data(task, media, prompt, pred, ref)
+                    audio = wandb.Audio(np.asarray(wave), sample_rate=rate)
+            text = meta.get("src") or meta.get("prompt") or ""
+            table.add_data(task, image, audio, text, pred, ref)
     logger.experiment.log({"eval/predictions": table})
