@@ -59,6 +59,7 @@ class Setup:
 
     device: torch.device
     precision: str  # "bf16" (autocast, fp32 weights and optimizer) or "fp32"
+    malloc: str = "glibc default"
 
     @property
     def dtype(self) -> torch.dtype:
@@ -74,7 +75,26 @@ class Setup:
             torch.cuda.synchronize(self.device)
 
 
-def make_setup(precision: str | None, threads: int | None) -> Setup:
+def keep_freed_memory() -> bool:
+    """Make glibc keep freed memory for reuse instead of handing it back to the kernel.
+
+    By default every block over 32 MB (a step's logits, say) is mmap'ed and unmapped again,
+    and the heap's free top is trimmed, so each step page-faults its activations back in:
+    ~570k minor faults and ~1 s of kernel time per step of the default preset (16 x 256) on
+    2 cores. Returns whether it took effect (glibc only).
+    """
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
+        return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
+    except (OSError, AttributeError):
+        return False
+
+
+def make_setup(precision: str | None, threads: int | None, keep_memory: bool = False) -> Setup:
     from unimodal.training import resolve_precision
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -84,9 +104,11 @@ def make_setup(precision: str | None, threads: int | None) -> Setup:
         torch.set_num_threads(threads)
     if device.type == "cpu":
         torch.set_flush_denormal(True)  # as training does: denormals in AdamW cost 16x on CPU
+        if keep_memory:
+            keep_freed_memory()
     else:
         torch.set_float32_matmul_precision("high")
-    return Setup(device, precision)
+    return Setup(device, precision, "keep freed memory (mallopt)" if keep_memory else "glibc default")
 
 
 def git_commit(root: Path | None = None) -> str | None:
@@ -134,9 +156,38 @@ def environment(setup: Setup) -> dict:
     except ImportError:
         tf_version = None
     dev = torch.cuda.get_device_name(setup.device) if setup.device.type == "cuda" else cpu_model()
-    return dict(device=f"{setup.device.type}: {dev}", precision=setup.precision,
+    return dict(device=f"{setup.device.type}: {dev}", precision=setup.precision, malloc=setup.malloc,
                 threads=torch.get_num_threads(), torch=torch.__version__, transformers=tf_version,
-                commit=git_commit(), load=os.getloadavg()[0] if hasattr(os, "getloadavg") else None)
+                commit=git_commit(), loadavg=os.getloadavg()[0] if hasattr(os, "getloadavg") else None)
+
+
+class OtherLoad:
+    """How many cores other processes kept busy while we ran: the machine's busy time
+    (/proc/stat) minus our own CPU time (ours and our joined children's), per second of wall
+    time. Around 0 the figures are clean; near the core count they mean little."""
+
+    def __init__(self):
+        self.t0, self.busy0, self.own0 = time.perf_counter(), self._busy(), self._own()
+
+    @staticmethod
+    def _busy() -> float | None:
+        try:
+            fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        except (OSError, ValueError):
+            return None
+        user, nice, system, idle, iowait, irq, softirq, steal = (fields + [0] * 8)[:8]
+        return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+    @staticmethod
+    def _own() -> float:
+        t = os.times()
+        return t.user + t.system + t.children_user + t.children_system
+
+    def __call__(self) -> float | None:
+        busy = self._busy()
+        if busy is None or self.busy0 is None:
+            return None
+        return max(0.0, (busy - self.busy0) - (self._own() - self.own0)) / (time.perf_counter() - self.t0)
 
 
 def peak_flops(setup: Setup) -> dict:
@@ -179,6 +230,12 @@ def interleaved(contestants: dict[str, Callable[[], object]], units: dict[str, f
 
 def median(xs: list[float]) -> float | None:
     return statistics.median(xs) if xs else None
+
+
+def paired_ratio(a: list[float], b: list[float]) -> float | None:
+    """Median over repeats of a[r] / b[r]: each pair ran back to back, so a load that comes
+    and goes cancels out better than in the ratio of the two medians."""
+    return median([x / y for x, y in zip(a, b) if y]) if a and b else None
 
 
 # ----------------------------------------------------------------------------- models
@@ -317,14 +374,15 @@ def bench_train(args, setup: Setup) -> dict:
     samples = interleaved(contestants, units, setup, args.repeats, args.warmup, args.steps)
     flops_tok = model.flops_per_token(T)
     ours = median(samples["unimodal"])
-    peer_tps = median(samples[f"{args.peer} llama"]) if peer is not None else None
+    peer_samples = samples.get(f"{args.peer} llama", [])
+    peer_tps = median(peer_samples)
     mfu = lambda tps: tps * flops_tok / peak["peak_flops"] if tps and peak["peak_flops"] else None  # noqa: E731
     return dict(
         bench="train", preset=args.preset, params=model.num_params(), batch_size=B, seq_len=T,
         attention="block-causal, %d samples/row" % SAMPLES_PER_ROW if packed else "causal",
         compile=args.compile, repeats=args.repeats, warmup=args.warmup, steps=args.steps,
         tokens_per_s=ours, peer=args.peer, peer_tokens_per_s=peer_tps,
-        ratio=ours / peer_tps if peer_tps else None, mfu=mfu(ours), peer_mfu=mfu(peer_tps),
+        ratio=paired_ratio(samples["unimodal"], peer_samples), mfu=mfu(ours), peer_mfu=mfu(peer_tps),
         flops_per_token=flops_tok, **peak, samples=samples, **environment(setup))
 
 
@@ -346,31 +404,31 @@ def bench_data(args, setup: Setup) -> dict:
     n_batches = args.warmup + args.repeats * args.steps
     base = dict(shards=shards, seq_len=T, batch_size=B, batches_per_epoch=n_batches + 8)
 
-    rates: dict[int, float] = {}
     samples: dict[str, list[float]] = {}
-    real_fraction = []
-    kept = []  # batches a training step is then timed on
-    for workers in args.workers:
-        cfg = DataConfig(**base, num_workers=workers)
-        loader = make_loader(cfg, toks, tasks, rank=0, world_size=1)
+    efficiency: list[float] = []
+    kept: list = []  # the first batches: what the training step is timed on
+
+    def time_loader(workers: int) -> None:
+        loader = make_loader(DataConfig(**base, num_workers=workers), toks, tasks, rank=0, world_size=1)
         it = iter(loader)
         for _ in range(args.warmup + 4 * workers):  # start-up, reservoir fill, prefetch queue
-            batch = next(it)
+            next(it)
         runs = []
         for _ in range(args.repeats):
             t0 = time.perf_counter()
             for _ in range(args.steps):
                 batch = next(it)
-                real_fraction.append(batch.efficiency)
+                efficiency.append(batch.efficiency)
                 if len(kept) < 4:
                     kept.append(batch)
             runs.append(args.steps * B * T / (time.perf_counter() - t0))
         del it, loader
         samples[f"loader_{workers}_workers"] = runs
-        rates[workers] = median(runs)
 
-    # what training consumes: the same rows through the preset's model (vocab and
-    # continuous dims from the tokenizers), as the training step runs them
+    # what training consumes: the loader's rows through the preset's model (vocab and
+    # continuous dims from the tokenizers) as the training step runs them, timed half before
+    # and half after the other loaders so that a load coming or going hits both sides
+    time_loader(args.workers[0])
     cfg = model_config(args.preset, vocab_size=toks.vocab.size, continuous=toks.continuous_dims,
                        max_seq_len=T)
     model = build_ours(cfg, setup.device)
@@ -379,10 +437,16 @@ def bench_data(args, setup: Setup) -> dict:
     if args.compile:
         compile_blocks(model.blocks)
     turn = iter(range(10**9))
-    train = interleaved({"train": lambda: step(kept[next(turn) % len(kept)])}, {"train": B * T}, setup,
-                        args.repeats, args.warmup, args.steps)
-    samples["training"] = train["train"]
-    train_tps = median(train["train"])
+    train_step = {"train": lambda: step(kept[next(turn) % len(kept)])}
+    first_half = (args.repeats + 1) // 2
+    train = interleaved(train_step, {"train": B * T}, setup, first_half, args.warmup, args.steps)["train"]
+    for workers in args.workers[1:]:
+        time_loader(workers)
+    if args.repeats > first_half:
+        train += interleaved(train_step, {"train": B * T}, setup, args.repeats - first_half, 0, args.steps)["train"]
+    samples["training"] = train
+    train_tps = median(train)
+    rates = {w: median(samples[f"loader_{w}_workers"]) for w in args.workers}
     default_workers = DataConfig.num_workers
     ref = rates.get(default_workers, max(rates.values()))
     return dict(
@@ -391,7 +455,7 @@ def bench_data(args, setup: Setup) -> dict:
         loader_tokens_per_s={str(w): r for w, r in rates.items()}, training_tokens_per_s=train_tps,
         tokens_per_s=ref, ratio=ref / train_tps, workers=default_workers,
         ratios={str(w): r / train_tps for w, r in rates.items()},
-        packing_efficiency=statistics.mean(real_fraction) if real_fraction else None,
+        packing_efficiency=statistics.mean(efficiency) if efficiency else None,
         samples=samples, **environment(setup))
 
 
@@ -498,9 +562,10 @@ def bench_generate(args, setup: Setup) -> dict:
         prompt_len=P, new_tokens=N, repeats=args.repeats, warmup=args.warmup, steps=args.steps,
         tokens_per_s=ours, ms_per_token=rows["kv cache"]["ms_per_token"],
         nocache_tokens_per_s=rec, nocache_ms_per_token=rows["recompute"]["ms_per_token"],
-        cache_speedup=ours / rec, peer=args.peer, peer_tokens_per_s=peer_tps,
+        cache_speedup=paired_ratio(samples["kv cache"], samples["recompute"]), peer=args.peer,
+        peer_tokens_per_s=peer_tps,
         peer_ms_per_token=rows[f"{args.peer} generate"]["ms_per_token"] if peer is not None else None,
-        ratio=ours / peer_tps if peer_tps else None, rows=rows, samples=samples, **environment(setup))
+        ratio=paired_ratio(samples["kv cache"], samples.get(f"{args.peer} generate", [])), rows=rows, samples=samples, **environment(setup))
 
 
 # ----------------------------------------------------------------------------- output
@@ -545,6 +610,9 @@ def table(result: dict) -> str:
                     f"{result['cache_speedup']:.1f}x" + (f", vs peer {result['ratio']:.2f}x" if result["ratio"] else ""))
     env = (f"{result['device']}, {result['precision']}, {result['threads']} threads, torch {result['torch']}"
            + (f", transformers {result['transformers']}" if result.get("transformers") else "")
+           + (f", {result['malloc']}" if result.get("malloc") != "glibc default" else "")
+           + (f", other processes busy {result['other_cores_busy']:.2f} cores"
+              if result.get("other_cores_busy") is not None else "")
            + f", median of {result['repeats']} x {result['steps']} after {result['warmup']} warm-up")
     return "\n".join(lines + [settings, env])
 
@@ -570,6 +638,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, help="rows per step (default: per preset; 1 for generate)")
     p.add_argument("--seq-len", type=int, help="positions per row (default: per preset)")
     p.add_argument("--threads", type=int, help="torch threads for every contestant (default: torch's)")
+    p.add_argument("--keep-freed-memory", action="store_true",
+                   help="CPU: glibc keeps freed memory instead of page-faulting it back every step "
+                        "(default: whatever training does)")
     p.add_argument("--causal", action="store_true",
                    help="train: one sample per row (plain causal) instead of packed block-causal rows")
     p.add_argument("--shards", default="data/demo", help="data: shard folder (default data/demo)")
@@ -590,12 +661,16 @@ def main(argv: list[str] | None = None) -> int:
         print("error: --warmup must be at least 0", file=sys.stderr)
         return 2
     precision = args.precision or ("fp32" if args.what == "generate" else None)
-    setup = make_setup(precision, args.threads)
+    from unimodal import training
+    keep = args.keep_freed_memory or hasattr(training, "keep_freed_memory")  # mirror training
+    setup = make_setup(precision, args.threads, keep)
+    others = OtherLoad()
     try:
         result = {"train": bench_train, "data": bench_data, "generate": bench_generate}[args.what](args, setup)
     except BenchError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    result["other_cores_busy"] = others()
     print(json.dumps(result) if args.json else table(result))
     return 0
 
