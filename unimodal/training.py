@@ -165,7 +165,10 @@ def ensure_data(cfg: TrainConfig) -> None:
 
 def load_tokenizers(shards: str, manifest: dict | None) -> Tokenizers:
     """The run's tokenizers: sentencepiece models from the shard folder, defaults otherwise."""
-    root = Path(shards) if Path(shards).is_dir() else Path(shards).parent.parent
+    p = Path(shards)
+    # a built folder holds the models; a brace pattern's shards sit in it or in its split folder
+    candidates = [p] if p.is_dir() else [p.parent, p.parent.parent]
+    root = next((c for c in candidates if (c / "text.model").exists()), candidates[-1])
     text, code = root / "text.model", root / "code.model"
     if not text.exists() or not code.exists():
         raise ConfigError(f"{root} lacks text.model/code.model; shards built by `unimodal data build` "
