@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import inspect
 import json
 import os
 import platform
@@ -314,19 +315,27 @@ def compile_blocks(blocks) -> None:
 
 
 def our_train_step(model: Decoder, setup: Setup, packed: bool = True) -> Callable:
-    """``step(batch)``: one training step as UnimodalModule runs it: forward, token_loss
+    """``step(batch)``: one training step as UnimodalModule._step runs it: forward (logits at
+    the target positions only, where Decoder.forward takes ``output_index``), token_loss
     (+ z-loss), backward, AdamW. ``packed=False`` drops the sample ids (plain causal)."""
     opt = optimizer(model, setup.device)
     z = model.cfg.z_loss
+    at_targets = "output_index" in inspect.signature(model.forward).parameters
 
     def step(batch) -> torch.Tensor:
         inputs = batch.model_inputs()
         if not packed:
             inputs["sample_ids"] = None
         with setup.autocast():
-            logits = model(**inputs)  # (B, T, V)
-            loss_tok, mask = token_loss(logits, batch.targets, batch.weights, z)
-            loss = loss_tok.sum() / batch.weights[mask].float().sum().clamp_min(1e-6)
+            if at_targets:
+                idx = ((batch.targets != -100) & (batch.weights != 0)).flatten().nonzero().squeeze(1)  # (N,)
+                logits = model(**inputs, output_index=idx)  # (N, V)
+                targets, weights = batch.targets.flatten()[idx], batch.weights.flatten()[idx]
+            else:
+                logits = model(**inputs)  # (B, T, V)
+                targets, weights = batch.targets, batch.weights
+            loss_tok, mask = token_loss(logits, targets, weights, z)
+            loss = loss_tok.sum() / weights[mask].float().sum().clamp_min(1e-6)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
