@@ -1,7 +1,7 @@
 """`unimodal bench train|data|generate`: our speed against a peer and against the machine.
 
 - train: tokens/s of one full training step (forward, loss, backward, AdamW step) of our
-  Decoder on packed text rows, and its MFU. On CPU the peak is a large matrix product
+  Decoder on packed text rows, exactly as UnimodalModule runs it, and its MFU. On CPU the peak is a large matrix product
   measured in the same run (bf16 and fp32, ``module.measure_matmul_flops``); on GPU it is
   the datasheet figure (``module.device_peak_flops``). ``--peer hf`` times the same step
   of Hugging Face's LlamaForCausalLM built with identical sizes, interleaved with ours in
@@ -13,8 +13,9 @@
   recomputation every step, against Hugging Face's ``generate`` (use_cache=True).
 
 Every figure is the median of ``--repeats`` timed runs after ``--warmup`` untimed ones,
-with the same threads, precision and denormal setting (flushed, as training does) for
-every contestant. Positions are counted as tokens (padding costs compute too).
+with the same threads, precision, denormal setting (flushed, as training does) and memory
+allocator setting for every contestant. Positions are counted as tokens (padding costs
+compute too). ``other_cores_busy`` in the output says how much else ran meanwhile.
 """
 from __future__ import annotations
 
@@ -35,7 +36,7 @@ import torch
 
 from unimodal.model import PRESETS, Decoder, ModelConfig, param_groups, token_loss
 
-# a ~70k-parameter model for tests and smoke runs
+# a ~0.2M-parameter model for tests and smoke runs
 BENCH_PRESETS: dict[str, dict] = {
     "tiny": dict(vocab_size=512, n_layer=2, n_head=4, d_model=64, max_seq_len=64),
     **PRESETS,
@@ -79,10 +80,10 @@ class Setup:
 def keep_freed_memory() -> bool:
     """Make glibc keep freed memory for reuse instead of handing it back to the kernel.
 
-    By default every block over 32 MB (a step's logits, say) is mmap'ed and unmapped again,
-    and the heap's free top is trimmed, so each step page-faults its activations back in:
-    ~570k minor faults and ~1 s of kernel time per step of the default preset (16 x 256) on
-    2 cores. Returns whether it took effect (glibc only).
+    By default every block over 32 MB (full-vocabulary fp32 logits, say) is mmap'ed and
+    unmapped again, and the heap's free top is trimmed, so each step page-faults its big
+    temporaries back in: ~570k minor faults per step of the default preset with logits at all
+    16 x 256 positions. Returns whether it took effect (glibc only).
     """
     import ctypes
     import ctypes.util
@@ -117,17 +118,14 @@ def git_commit(root: Path | None = None) -> str | None:
     root = root or Path(__file__).resolve().parent.parent
     git = root / ".git"
     try:
-        if git.is_file():  # a worktree: "gitdir: <path>"
+        if git.is_file():  # a worktree or submodule: "gitdir: <path>"
             git = (root / git.read_text().split(":", 1)[1].strip()).resolve()
         head = (git / "HEAD").read_text().strip()
         if not head.startswith("ref:"):
-            return head
+            return head  # detached HEAD
         ref = head.split(":", 1)[1].strip()
-        for base in (git, git / "commondir" if (git / "commondir").exists() else None):
-            if base is None:
-                continue
-            if base.name == "commondir":
-                base = (git / base.read_text().strip()).resolve()
+        common = git / "commondir"  # a worktree keeps its branches in the main .git
+        for base in [git] + ([(git / common.read_text().strip()).resolve()] if common.exists() else []):
             if (base / ref).exists():
                 return (base / ref).read_text().strip()
             packed = base / "packed-refs"
@@ -674,9 +672,10 @@ def main(argv: list[str] | None = None) -> int:
     keep = args.keep_freed_memory or hasattr(training, "keep_freed_memory")  # mirror training
     setup = make_setup(precision, args.threads, keep)
     others = OtherLoad()
+    from unimodal.data_pipelines.loader import DataError
     try:
         result = {"train": bench_train, "data": bench_data, "generate": bench_generate}[args.what](args, setup)
-    except BenchError as e:
+    except (BenchError, DataError, training.ConfigError) as e:  # a shard folder or a flag that cannot work
         print(f"error: {e}", file=sys.stderr)
         return 2
     result["other_cores_busy"] = others()
