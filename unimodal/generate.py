@@ -83,7 +83,8 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     try:
         ckpt = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as e:  # zip, pickle, EOF and unsupported-global errors all mean "not ours"
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        # torch's weights_only message runs to a page of advice: name the error, not the advice
+        reason = type(e).__name__
         raise CheckpointError(f"{p} is not a readable checkpoint (corrupt, truncated or another "
                               f"format): {reason[:200]}") from None
     if not isinstance(ckpt, dict):

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from unimodal.data_pipelines.loader import DataConfig, DataError, StreamDataset, resolve_shards
+from unimodal.data_pipelines.loader import DataConfig, DataError, StreamDataset, make_loader, resolve_shards
 from unimodal.data_pipelines.tasks import get_task
 from unimodal.model import ModelConfig
 from unimodal.module import OptimConfig
@@ -245,17 +245,14 @@ def _lightning():
             self.counters: dict = {}
 
         def train_dataloader(self):
-            from torch.utils.data import DataLoader
-            self.train_ds = StreamDataset(self.cfg, self.toks, self.tasks)
-            self.train_ds.resume = self.trainer.global_step if self.trainer else 0
-            ds = self.train_ds
+            loader = make_loader(self.cfg, self.toks, self.tasks)
+            ds = self.train_ds = loader.dataset
+            ds.resume = self.trainer.global_step if self.trainer else 0  # a resumed run reads a new stream
             mine = ds.urls[ds.rank::ds.world_size]
             if ds.world_size > 1 or os.environ.get("UNIMODAL_VERBOSE"):
                 print(f"rank {ds.rank}/{ds.world_size}: reads {len(mine)} of {len(ds.urls)} shards: "
                       f"{', '.join(os.path.basename(u) for u in mine)}", flush=True)
-            return DataLoader(self.train_ds, batch_size=None, num_workers=self.cfg.num_workers,
-                              pin_memory=torch.cuda.is_available(),
-                              prefetch_factor=4 if self.cfg.num_workers else None)
+            return loader
 
         def val_dataloader(self):
             from dataclasses import replace
@@ -345,7 +342,6 @@ def run(cfg: TrainConfig) -> dict:
 
     if cfg.trainer.accelerator in ("cpu", "auto") and not torch.cuda.is_available():
         torch.set_flush_denormal(True)  # denormals in AdamW made CPU steps 16x slower here
-        torch.set_num_threads(max(1, torch.get_num_threads()))
     else:
         torch.set_float32_matmul_precision("high")
     out_dir = Path(cfg.out_dir)
