@@ -100,6 +100,47 @@ def test_packing_isolation():
     assert changed(out[:, :9], packed[:, :9])
 
 
+@pytest.mark.parametrize("packed", [True, False])
+def test_math_attention_equals_sdpa(packed):
+    """The math kernel (attention="math") gives SDPA's logits and gradients, packed or causal, with GQA."""
+    batch = mixed_batch()
+    if packed:
+        batch["sample_ids"] = (torch.arange(32) >= 13).long().expand(2, 32)
+    outs = {}
+    for kernel in ("sdpa", "math"):
+        model = make_model(n_kv_head=2, attention=kernel).train()
+        logits = model(**batch)
+        logits.float().square().mean().backward()
+        outs[kernel] = (logits, [p.grad for p in model.parameters()])
+    torch.testing.assert_close(outs["math"][0], outs["sdpa"][0], atol=1e-5, rtol=0)
+    for g_math, g_sdpa in zip(outs["math"][1], outs["sdpa"][1]):
+        torch.testing.assert_close(g_math, g_sdpa, atol=1e-5, rtol=1e-4)
+
+
+def test_auto_attention_takes_math_only_for_short_bf16_rows_on_cpu(monkeypatch):
+    import unimodal.model as model_mod
+
+    calls = []
+    real = model_mod.math_attention
+    monkeypatch.setattr(model_mod, "math_attention", lambda *a: calls.append(1) or real(*a))
+    model = make_model()  # attention="auto"
+    ids, modality, positions = plain_inputs(B=1, T=24)
+    with torch.no_grad():
+        model(ids, modality, positions)  # fp32: SDPA
+        assert not calls
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            model(ids, modality, positions)  # bf16 on CPU, short row: math, in every layer
+            assert len(calls) == 2
+            cache = model.new_cache(1, 32, dtype=torch.bfloat16)
+            model(ids, modality, positions, kv_cache=cache)  # with a KV cache: SDPA
+            assert len(calls) == 2
+            monkeypatch.setattr(model_mod, "MATH_ATTENTION_MAX_LEN", 16)
+            model(ids, modality, positions)  # longer than the limit: SDPA
+            assert len(calls) == 2
+    with pytest.raises(ValueError, match="attention must be"):
+        tiny(attention="flash")
+
+
 @torch.no_grad()
 def test_continuous_features_change_only_their_positions_and_later():
     model = make_model()

@@ -77,27 +77,8 @@ class Setup:
             torch.cuda.synchronize(self.device)
 
 
-def keep_freed_memory() -> bool:
-    """Make glibc keep freed memory for reuse instead of handing it back to the kernel.
-
-    By default every block over 32 MB (full-vocabulary fp32 logits, say) is mmap'ed and
-    unmapped again, and the heap's free top is trimmed, so each step page-faults its big
-    temporaries back in: ~570k minor faults per step of the default preset with logits at all
-    16 x 256 positions. Returns whether it took effect (glibc only).
-    """
-    import ctypes
-    import ctypes.util
-
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
-        return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
-    except (OSError, AttributeError):
-        return False
-
-
-def make_setup(precision: str | None, threads: int | None, keep_memory: bool = False) -> Setup:
-    from unimodal.training import resolve_precision
+def make_setup(precision: str | None, threads: int | None, keep_memory: bool = True) -> Setup:
+    from unimodal.training import configure_cpu, resolve_precision
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if precision is None:
@@ -105,12 +86,11 @@ def make_setup(precision: str | None, threads: int | None, keep_memory: bool = F
     if threads:
         torch.set_num_threads(threads)
     if device.type == "cpu":
-        torch.set_flush_denormal(True)  # as training does: denormals in AdamW cost 16x on CPU
-        if keep_memory:
-            keep_freed_memory()
+        configure_cpu(keep_memory)  # as training does: flush denormals, keep freed memory
     else:
         torch.set_float32_matmul_precision("high")
-    return Setup(device, precision, "keep freed memory (mallopt)" if keep_memory else "glibc default")
+    keeps = device.type == "cpu" and keep_memory
+    return Setup(device, precision, "keep freed memory (mallopt)" if keeps else "default")
 
 
 def git_commit(root: Path | None = None) -> str | None:
@@ -312,11 +292,14 @@ def compile_blocks(blocks) -> None:
         block.compile(dynamic=False)
 
 
-def our_train_step(model: Decoder, setup: Setup, packed: bool = True) -> Callable:
+def our_train_step(model: Decoder, setup: Setup, packed: bool = True, compile: bool = False) -> Callable:
     """``step(batch)``: one training step as UnimodalModule._step runs it: forward (logits at
     the target positions only, where Decoder.forward takes ``output_index``), token_loss
-    (+ z-loss), backward, AdamW. ``packed=False`` drops the sample ids (plain causal)."""
+    (+ z-loss; compiled with ``compile``, as training does), backward, AdamW.
+    ``packed=False`` drops the sample ids (plain causal)."""
     opt = optimizer(model, setup.device)
+    from unimodal.module import compiled_loss
+    loss_fn = compiled_loss() if compile else token_loss
     z = model.cfg.z_loss
     at_targets = "output_index" in inspect.signature(model.forward).parameters
 
@@ -332,7 +315,7 @@ def our_train_step(model: Decoder, setup: Setup, packed: bool = True) -> Callabl
             else:
                 logits = model(**inputs)  # (B, T, V)
                 targets, weights = batch.targets, batch.weights
-            loss_tok, mask = token_loss(logits, targets, weights, z)
+            loss_tok, mask = loss_fn(logits, targets, weights, z)
             loss = loss_tok.sum() / weights[mask].float().sum().clamp_min(1e-6)
         loss.backward()
         opt.step()
@@ -366,7 +349,7 @@ def bench_train(args, setup: Setup) -> dict:
     packed = not args.causal
     model = build_ours(cfg, setup.device)
     batch = text_batch(cfg, B, T, setup.device, packed)
-    step = our_train_step(model, setup, packed)
+    step = our_train_step(model, setup, packed, args.compile)
     contestants = {"unimodal": lambda: step(batch)}
     if args.compile:
         compile_blocks(model.blocks)
@@ -439,7 +422,7 @@ def bench_data(args, setup: Setup) -> dict:
     cfg = model_config(args.preset, vocab_size=toks.vocab.size, continuous=toks.continuous_dims,
                        max_seq_len=T)
     model = build_ours(cfg, setup.device)
-    step = our_train_step(model, setup)
+    step = our_train_step(model, setup, compile=args.compile)
     kept = [b.to(setup.device) for b in kept]
     if args.compile:
         compile_blocks(model.blocks)
@@ -645,9 +628,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, help="rows per step (default: per preset; 1 for generate)")
     p.add_argument("--seq-len", type=int, help="positions per row (default: per preset)")
     p.add_argument("--threads", type=int, help="torch threads for every contestant (default: torch's)")
-    p.add_argument("--keep-freed-memory", action="store_true",
-                   help="CPU: glibc keeps freed memory instead of page-faulting it back every step "
-                        "(default: whatever training does)")
+    p.add_argument("--glibc-malloc", action="store_true",
+                   help="CPU: leave glibc's allocator at its defaults instead of training's setting "
+                        "(keep freed memory rather than page-fault it back every step)")
     p.add_argument("--causal", action="store_true",
                    help="train: one sample per row (plain causal) instead of packed block-causal rows")
     p.add_argument("--shards", default="data/demo", help="data: shard folder (default data/demo)")
@@ -669,8 +652,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     precision = args.precision or ("fp32" if args.what == "generate" else None)
     from unimodal import training
-    keep = args.keep_freed_memory or hasattr(training, "keep_freed_memory")  # mirror training
-    setup = make_setup(precision, args.threads, keep)
+    setup = make_setup(precision, args.threads, keep_memory=not args.glibc_malloc)
     others = OtherLoad()
     from unimodal.data_pipelines.loader import DataError
     try:

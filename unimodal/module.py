@@ -74,6 +74,12 @@ def per_task(values: torch.Tensor, mask: torch.Tensor, task: torch.Tensor, n_tas
     return sums[:n_tasks], counts[:n_tasks]
 
 
+def compiled_loss():
+    """token_loss under torch.compile; dynamic, since the number of targets changes every batch.
+    Fusing the fp32 cross-entropy and z-loss was 3% of the demo step here (docs/LOG.md)."""
+    return torch.compile(token_loss, dynamic=True)
+
+
 class UnimodalModule(L.LightningModule):
     """Trains one Decoder on a mixture of tasks.
 
@@ -99,6 +105,7 @@ class UnimodalModule(L.LightningModule):
         self.tasks = list(tasks)
         self.tok_state = tokenizers
         self.model: Decoder | None = None
+        self.loss_fn = token_loss
         self.flops_per_token = 0
 
     def configure_model(self) -> None:
@@ -114,6 +121,7 @@ class UnimodalModule(L.LightningModule):
         if self.hparams.compile:
             for block in self.model.blocks:
                 block.compile(dynamic=False)
+            self.loss_fn = compiled_loss()
 
     def _fsdp(self) -> bool:
         try:
@@ -133,8 +141,8 @@ class UnimodalModule(L.LightningModule):
         indices [N] of those positions, and the weighted mean loss."""
         idx = ((batch.targets != -100) & (batch.weights != 0)).flatten().nonzero().squeeze(1)  # (N,)
         logits = self.model(**batch.model_inputs(), output_index=idx)  # (N, V)
-        loss_tok, mask = token_loss(logits, batch.targets.flatten()[idx], batch.weights.flatten()[idx],
-                                    self.model_cfg.z_loss)
+        loss_tok, mask = self.loss_fn(logits, batch.targets.flatten()[idx], batch.weights.flatten()[idx],
+                                      self.model_cfg.z_loss)
         loss = loss_tok.sum() / batch.weights.flatten()[idx].float().sum().clamp_min(1e-6)
         return logits, loss_tok, idx, loss
 

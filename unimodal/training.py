@@ -24,6 +24,34 @@ from unimodal.module import OptimConfig
 from unimodal.tokenizers.vocab import Tokenizers
 
 
+def keep_freed_memory() -> bool:
+    """Make glibc keep freed memory for reuse instead of handing it back to the kernel.
+
+    By default every block over 32 MB (full-vocabulary fp32 logits, say) is mmap'ed and
+    unmapped again, and the heap's free top is trimmed, so each step page-faults its big
+    temporaries back in: ~570k minor faults and 1.25 CPU-seconds of kernel time per step of
+    the default preset with logits at all 16 x 256 positions, 2.5k and 0.006 s with this; the
+    small preset's step went from 164 to 283 tokens/s. The cost: the process keeps its peak
+    heap. Returns whether it took effect (glibc only).
+    """
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
+        return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
+    except (OSError, AttributeError):
+        return False
+
+
+def configure_cpu(keep_memory: bool = True) -> None:
+    """Process settings of CPU training (the benchmark applies the same)."""
+    torch.set_flush_denormal(True)  # denormals in AdamW made CPU steps 16x slower here
+    if keep_memory:
+        keep_freed_memory()
+
+
 class ConfigError(ValueError):
     """A setting a person chose cannot work (one clear sentence)."""
 
@@ -341,7 +369,7 @@ def run(cfg: TrainConfig) -> dict:
     from unimodal.module import ThroughputCallback, UnimodalModule
 
     if cfg.trainer.accelerator in ("cpu", "auto") and not torch.cuda.is_available():
-        torch.set_flush_denormal(True)  # denormals in AdamW made CPU steps 16x slower here
+        configure_cpu()
     else:
         torch.set_float32_matmul_precision("high")
     out_dir = Path(cfg.out_dir)
