@@ -130,13 +130,26 @@ def make_env(env_id: str):
     return gym.make(env_id)
 
 
-def rollout(env_id: str, policy: Policy, seed: int, env=None) -> tuple[np.ndarray, np.ndarray, float]:
-    """Run one episode from ``env.reset(seed=seed)``.
+def _legal(info: EnvInfo, a):
+    """An action as the env takes it: int, or float32 [act_dim] clipped to the bounds."""
+    if info.discrete:
+        return int(a)
+    return np.clip(np.asarray(a, dtype=np.float32).reshape(info.act_dim), info.act_low, info.act_high)
+
+
+def rollout(env_id: str, policy: Policy, seed: int, env=None, label: Policy | None = None
+            ) -> tuple[np.ndarray, np.ndarray, float]:
+    """Run one episode from ``env.reset(seed=seed)``, acting with ``policy``.
+
+    ``label``: record this policy's action at every visited state instead of the executed one
+    (DART, Laskey et al. 2017: a noisy policy visits the states a learner's own mistakes lead
+    to, and the expert says how to recover from each).
 
     Returns:
         obs: float32 ``[T, obs_dim]``, the observation each action was chosen from.
-        act: int64 ``[T]`` (discrete) or float32 ``[T, act_dim]`` (continuous).
-        ret: the undiscounted return.
+        act: int64 ``[T]`` (discrete) or float32 ``[T, act_dim]`` (continuous): the executed
+            actions, or ``label``'s.
+        ret: the undiscounted return of the executed actions.
     """
     info = ENV_INFO[env_id]
     own = env is None
@@ -145,14 +158,9 @@ def rollout(env_id: str, policy: Policy, seed: int, env=None) -> tuple[np.ndarra
         o, _ = env.reset(seed=int(seed))
         obs, acts, ret = [], [], 0.0
         while True:
-            a = policy(o)
             obs.append(np.asarray(o, dtype=np.float32))
-            if info.discrete:
-                a = int(a)
-            else:
-                a = np.clip(np.asarray(a, dtype=np.float32).reshape(info.act_dim),
-                            info.act_low, info.act_high)
-            acts.append(a)
+            a = _legal(info, policy(o))
+            acts.append(a if label is None else _legal(info, label(o)))
             o, r, term, trunc, _ = env.step(a)
             ret += float(r)
             if term or trunc:

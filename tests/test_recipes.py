@@ -62,6 +62,7 @@ def test_demo_manifest(demo_build):
         assert m["sources"][pkg] != "not installed"
     audio = m["extra"]["audio"]
     assert set(audio["test_only_accents"]).isdisjoint(audio["train_accents"])
+    assert set(audio["test_only_accents"]).isdisjoint(audio["train_foreign_voices"])
     for split, entry in m["splits"].items():
         assert Counter(_meta(s)["task"] for s in samples[split]) == Counter(entry["samples"])
 
@@ -95,6 +96,21 @@ def test_demo_splits_disjoint_and_held_out_only_in_test(demo_build):
         assert not {_meta(s)["task"] for s in samples[split]} & set(m["test_only_tasks"])
 
 
+def test_held_out_clips_do_not_depend_on_the_foreign_voices(monkeypatch):
+    """Foreign voices replace only training-accent clips, from their own random stream: the
+    test-only accents' clips (voice, rate, pitch, seed) are the same with or without them."""
+    variants = list(demo.VARIANTS)
+    keys = [f"speech-digits-{i:05d}" for i in range(300)]
+    with_l2 = [demo._voice_choice(demo._rng("audio", k), variants, k) for k in keys]
+    monkeypatch.setattr(demo, "L2_SHARE", 0.0)
+    without = [demo._voice_choice(demo._rng("audio", k), variants, k) for k in keys]
+    changed = [k for k, a, b in zip(keys, with_l2, without) if a != b]
+    assert all(b[2] is False and a[0] in demo.L2_VOICES for a, b in zip(with_l2, without) if a != b)
+    assert [a for a in with_l2 if a[2]] == [b for b in without if b[2]]  # held-out clips identical
+    n_train = sum(not b[2] for b in without)
+    assert 0.25 * n_train < len(changed) < 0.55 * n_train  # L2_SHARE = 0.4 of the training clips
+
+
 def test_demo_members(demo_build):
     _, _, samples = demo_build
     items = [s for v in samples.values() for s in v]
@@ -112,7 +128,8 @@ def test_demo_members(demo_build):
             info = sf.info(io.BytesIO(s["flac"]))
             assert info.channels == 1 and info.subtype == "PCM_16" and info.samplerate == 16000
             assert info.duration <= demo.MAX_SECONDS + 1e-6
-            assert meta["subset"] in ("digits", "phrases") and meta["voice"].startswith("en")
+            assert meta["subset"] in ("digits", "phrases") and meta["lang"] in ("en", "fr")
+            assert meta["accent"] in demo.TRAIN_ACCENTS + demo.TEST_ACCENTS + demo.L2_VOICES
             assert "-" not in meta["transcript"] and " and " not in f" {meta['transcript']} "
         elif task.startswith("text.translate"):
             assert meta["src"] and meta["tgt"] and meta["domain"]
@@ -129,7 +146,7 @@ def test_demo_members(demo_build):
             else:
                 assert act.dtype == np.int64 and act.shape == (len(obs),)
             assert meta["seed"] < control.EVAL_SEED_START
-            assert meta["policy"] in ("expert", "noisy_expert")
+            assert meta["policy"] in ("expert", "dart")
     assert set(seen) == {"image", "audio", "text", "code", "control"}
 
 
@@ -161,6 +178,20 @@ def test_rollout_shapes():
     assert [e.env_id for e in control.ENVS] == list(control.EXPERTS)
 
 
+def test_dart_rollout_labels_visited_states_with_the_expert():
+    """DART: the noisy policy drives the episode, the expert's action at each state is recorded."""
+    expert = control.EXPERTS["CartPole-v1"]
+    noisy = control.noisy_policy("CartPole-v1", expert, 0.5, seed=3)
+    obs, act, ret = control.rollout("CartPole-v1", noisy, seed=3, label=expert)
+    assert act.tolist() == [expert(o) for o in obs]  # labels are the expert's
+    clean_obs, _, clean_ret = control.rollout("CartPole-v1", expert, seed=3)
+    assert ret < clean_ret  # the noise drove it elsewhere (it falls early)...
+    assert not np.array_equal(obs[:len(clean_obs)], clean_obs[:len(obs)])  # ...through other states
+    obs, act, _ = control.rollout("Pendulum-v1", control.random_policy("Pendulum-v1", 1), seed=1,
+                                  label=control.EXPERTS["Pendulum-v1"])
+    np.testing.assert_array_equal(act, np.stack([control.pendulum_expert(o) for o in obs]))
+
+
 def test_espeak_synthesis():
     from unimodal.data_pipelines.espeak import EspeakError, engine
     eng = engine()
@@ -168,7 +199,7 @@ def test_espeak_synthesis():
     pcm = eng.synth("four hundred twelve", voice="en-us+f3", rate=170, pitch=60)
     assert pcm.dtype == np.int16 and len(pcm) > 0.3 * eng.sample_rate
     assert np.abs(pcm.astype(np.int32)).max() > 3000
-    for voice in demo.TRAIN_ACCENTS + demo.TEST_ACCENTS:
+    for voice in demo.TRAIN_ACCENTS + demo.TEST_ACCENTS + demo.L2_VOICES:
         assert eng.has_voice(voice), voice
     assert not eng.has_voice("en+no-such-variant")
     with pytest.raises(EspeakError):

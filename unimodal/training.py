@@ -60,7 +60,7 @@ class ConfigError(ValueError):
 class TrainerConfig:
     """Devices, precision, parallelism and the loop's length (Lightning Trainer settings)."""
 
-    max_steps: int = 1200
+    max_steps: int = 1450
     """Optimiser steps to train for."""
     max_minutes: float | None = 12.5
     """Stop after this many minutes of training, whatever the step (None: no limit)."""
