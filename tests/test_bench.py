@@ -65,3 +65,12 @@ def test_table_is_default(capsys):
 def test_bad_flags_exit_2(capsys, argv):
     assert main([*argv, "--json"]) == 2
     assert capsys.readouterr().err.startswith("error:")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAS_HF, reason="needs the bench extra (transformers)")
+def test_train_compiled_against_the_eager_peer(capsys):
+    """--compile --peer-eager: ours compiled as training runs it, the peer as its users run it."""
+    r = run_json(capsys, ["train", "--preset", "tiny", "--compile", "--peer-eager", *QUICK, *PEER])
+    assert r["compile"] is True and r["peer_compile"] is False
+    assert r["tokens_per_s"] > 0 and r["peer_tokens_per_s"] > 0

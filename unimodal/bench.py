@@ -357,7 +357,7 @@ def bench_train(args, setup: Setup) -> dict:
     if args.peer:
         peer = build_peer(cfg, setup.device, T)
         contestants[f"{args.peer} llama"] = peer_train_step(peer, setup, batch)
-        if args.compile:
+        if args.compile and not args.peer_eager:
             compile_blocks(peer.model.layers)
     units = {n: B * T for n in contestants}
     peak = peak_flops(setup)
@@ -370,7 +370,8 @@ def bench_train(args, setup: Setup) -> dict:
     return dict(
         bench="train", preset=args.preset, params=model.num_params(), batch_size=B, seq_len=T,
         attention="block-causal, %d samples/row" % SAMPLES_PER_ROW if packed else "causal",
-        compile=args.compile, repeats=args.repeats, warmup=args.warmup, steps=args.steps,
+        compile=args.compile, peer_compile=bool(args.peer and args.compile and not args.peer_eager),
+        repeats=args.repeats, warmup=args.warmup, steps=args.steps,
         tokens_per_s=ours, peer=args.peer, peer_tokens_per_s=peer_tps,
         ratio=paired_ratio(samples["unimodal"], peer_samples), mfu=mfu(ours), peer_mfu=mfu(peer_tps),
         flops_per_token=flops_tok, **peak, samples=samples, **environment(setup))
@@ -579,7 +580,8 @@ def table(result: dict) -> str:
             lines.append(f"{name:<14} {_fmt(tps):>12} {_fmt(1e3 * step_tok / tps, '.1f'):>9} "
                          f"{_fmt(mfu, '.1%'):>7} {_fmt(ratio, '.2f') + 'x' if ratio else '-':>8}")
         settings = (f"preset {result['preset']} ({result['params'] / 1e6:.1f}M), batch {result['batch_size']} x "
-                    f"{result['seq_len']}, {result['attention']}, compile {result['compile']}, peak "
+                    f"{result['seq_len']}, {result['attention']}, compile {result['compile']}"
+                    f"{' (peer eager)' if result['compile'] and result['peer'] and not result['peer_compile'] else ''}, peak "
                     f"{_fmt(result['peak_flops'] / 1e9 if result['peak_flops'] else None, '.0f')} GFLOP/s "
                     f"({result['peak_source']})")
     elif kind == "data":
@@ -623,6 +625,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=2, help="untimed calls first (default 2)")
     p.add_argument("--steps", type=int, default=3, help="calls per timed run (default 3)")
     p.add_argument("--compile", action="store_true", help="torch.compile every transformer block of every contestant")
+    p.add_argument("--peer-eager", action="store_true",
+                   help="train: with --compile, leave the peer eager (ours as training runs it against "
+                        "the peer as its users run it)")
     p.add_argument("--precision", choices=("bf16", "fp32"),
                    help="bf16 autocast or fp32 (default: training's auto for train/data, fp32 for generate)")
     p.add_argument("--batch-size", type=int, help="rows per step (default: per preset; 1 for generate)")
