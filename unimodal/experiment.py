@@ -77,6 +77,7 @@ def main(argv: list[str]) -> int:
         cfg = copy.deepcopy(base)
         cfg.run_name, cfg.out_dir, cfg.tasks = name, str(out), run_tasks
         cfg.trainer.max_steps, cfg.evaluate, cfg.logger = steps, False, args.logger == "true"
+        cfg.trainer.max_minutes = None  # equal steps is the contract; a time cap would cut the generalist short
         cfg.ckpt_every = steps
         cfg.optim.warmup_steps = min(cfg.optim.warmup_steps, max(1, steps // 10))
         cfg.data.weights = {t: w for t, w in cfg.data.weights.items() if t in run_tasks}
