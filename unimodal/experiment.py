@@ -140,6 +140,10 @@ def plot(rows: list[dict], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(rows) + 2), 4))
     ax.bar(range(len(rows)), ratios, color=["tab:green" if v >= 0.95 else "tab:red" for v in ratios])
     ax.axhline(0.95, color="k", linestyle="--", linewidth=1, label="0.95")
+    for i, r in enumerate(rows):  # no bar: say why rather than leave a gap
+        if r["ratio"] is None:
+            why = "n/a: specialist <= 0" if r["specialist"] is not None and r["specialist"] <= 0 else "n/a"
+            ax.text(i, 0.05, why, rotation=90, ha="center", va="bottom", fontsize=8)
     ax.set_xticks(range(len(rows)), names, rotation=45, ha="right")
     ax.set_ylabel("generalist / specialist")
     ax.set_title("one architecture, every task")
