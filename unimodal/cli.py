@@ -75,7 +75,7 @@ def train_parser():
 def cmd_train(argv: list[str]) -> int:
     import argparse
 
-    from unimodal.training import TrainConfig, run
+    from unimodal.training import run
 
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     parser = train_parser()
@@ -85,12 +85,23 @@ def cmd_train(argv: list[str]) -> int:
         msg = str(e).splitlines()[0] if str(e) else "invalid arguments"
         print(f"error: {msg} (see python train.py --help)", file=sys.stderr)
         return 2
-    cfg_ns = ns.clone()
-    del cfg_ns["config"]
-    cfg: TrainConfig = parser.instantiate(cfg_ns) if hasattr(parser, "instantiate") else parser.instantiate_classes(cfg_ns)
-    cfg = TrainConfig(**{k: getattr(cfg, k) for k in vars(cfg) if k in TrainConfig.__dataclass_fields__})
-    run(cfg)
+    run(build_config(parser, ns))
     return 0
+
+
+def build_config(parser, ns):
+    """The TrainConfig a parsed namespace describes; a setting the dataclasses reject (a model
+    shape that cannot work, say) is a ConfigError, i.e. one line and exit 2, not a traceback."""
+    from unimodal.training import ConfigError, TrainConfig
+
+    cfg_ns = ns.clone()
+    if "config" in cfg_ns:
+        del cfg_ns["config"]
+    try:
+        cfg = parser.instantiate(cfg_ns) if hasattr(parser, "instantiate") else parser.instantiate_classes(cfg_ns)
+    except ValueError as e:
+        raise ConfigError(str(e).strip().splitlines()[0]) from e
+    return TrainConfig(**{k: getattr(cfg, k) for k in TrainConfig.__dataclass_fields__})
 
 
 def cmd_tasks(argv: list[str]) -> int:

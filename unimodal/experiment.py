@@ -55,7 +55,7 @@ def parse(argv: list[str]):
 
 def main(argv: list[str]) -> int:
     args = parse(argv)
-    from unimodal.cli import train_parser
+    from unimodal.cli import build_config, train_parser
     from unimodal.evaluate import evaluate
     from unimodal.generate import Unimodal
     from unimodal.training import TrainConfig, choose_tasks, ensure_data, run
@@ -63,9 +63,7 @@ def main(argv: list[str]) -> int:
 
     parser = train_parser()
     ns = parser.parse_args(["--config", args.config] if args.config else [])
-    del ns["config"]
-    base: TrainConfig = parser.instantiate(ns)
-    base = TrainConfig(**{k: getattr(base, k) for k in TrainConfig.__dataclass_fields__})
+    base: TrainConfig = build_config(parser, ns)
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     out = Path(args.out or Path(base.out_dir) / f"one-vs-many-{stamp}")
     out.mkdir(parents=True, exist_ok=True)
