@@ -142,6 +142,31 @@ def test_auto_attention_takes_math_only_for_short_bf16_rows_on_cpu(monkeypatch):
 
 
 @torch.no_grad()
+def test_value_embedding_adds_a_smooth_function_of_the_bin_to_value_ids_only():
+    model = make_model(vocab_size=1100, value_ids=(40, 1064))  # 1,024 value bins, as the demo's
+    ids = torch.tensor([[3, 39, 40, 500, 501, 600, 1063, 1064]])
+    emb = model.value_embedding(ids)[0]  # (8, d)
+    assert torch.all(emb[[0, 1, 7]] == 0)  # not value bins: nothing added
+    assert torch.all(emb[2:7].abs().sum(-1) > 0)
+    # neighbouring bins start out close, bins 100 apart do not (the id table alone gives no such order)
+    assert (emb[3] - emb[4]).norm() < 0.2 * (emb[3] - emb[5]).norm()
+    modality = torch.full_like(ids, TEXT)
+    with_value = model(ids, modality, torch.arange(8)[None])
+    off = make_model(vocab_size=1100)  # value_ids None: no projection at all
+    assert off.value_proj is None and not any("value_proj" in n for n, _ in off.named_parameters())
+    assert make_model(vocab_size=1100, value_ids=(40, 1064), value_fourier=0).value_proj is None
+    assert changed(with_value, off(ids, modality, torch.arange(8)[None]))
+
+
+def test_value_embedding_gets_gradients():
+    model = make_model(vocab_size=128, value_ids=(40, 104)).train()
+    ids = torch.randint(40, 104, (2, 16))
+    logits = model(ids, torch.full_like(ids, 5), torch.arange(16).expand(2, 16))
+    logits.float().square().mean().backward()
+    assert model.value_proj.weight.grad is not None and model.value_proj.weight.grad.abs().sum() > 0
+
+
+@torch.no_grad()
 def test_continuous_features_change_only_their_positions_and_later():
     model = make_model()
     batch = mixed_batch()

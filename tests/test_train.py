@@ -64,6 +64,10 @@ def test_a_run_writes_its_folder_and_resumes_from_last(shard_dir, tmp_path, caps
     assert (run / "eval.json").exists()
     ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert ckpt["global_step"] == 6 and "tokenizers" in ckpt and "text_model" in ckpt["tokenizers"]
+    from unimodal.tokenizers.vocab import Tokenizers
+    value_range = Tokenizers.from_state(ckpt["tokenizers"]).vocab.range("value")
+    assert cfg["model"]["value_ids"] == list(value_range)  # the value embedding follows the data's bins
+    assert any(k.endswith("value_proj.weight") for k in ckpt["state_dict"])
     assert not list((run / "checkpoints").glob(".*tmp*"))
     out = capsys.readouterr().out
     assert "step      6" in out and "| task |" in out

@@ -7,6 +7,9 @@ Design choices:
   patches, audio frames) through one bias-free nn.Linear per modality, written over the
   id embedding at their positions (one index_put per modality), plus learned row and col
   embeddings of their 2-D coords
+- value-bin ids (control observations, continuous actions) also get a learned projection
+  of Fourier features of their bin's position in the companded range (``value_ids``), so the
+  model reads a value as a number and not only as one of 1,024 unrelated ids
 - a learned modality embedding added at every position (the only per-modality signal a
   discrete token gets beyond its id; it also stands in for the input projections' bias)
 - rotary positions computed from a ``positions`` tensor [B, T], so they restart for every
@@ -79,6 +82,15 @@ class ModelConfig:
     """Std of the normal init of matrices and embeddings."""
     norm_eps: float = 1e-5
     """Epsilon of every RMSNorm."""
+    value_ids: tuple[int, int] | None = None
+    """``[start, stop)`` of the value-bin ids (uniform bins of a companded value, as
+    tokenizers.action.ValueTokenizer makes them). When set, a value token's input is its id
+    embedding plus a learned projection of Fourier features of its bin's position in
+    [-1, 1], so neighbouring bins start out close and the value itself is linearly
+    readable (observations in control). None: ids only, as Gato."""
+    value_fourier: int = 8
+    """Frequencies of those Fourier features (2 x value_fourier + 1 inputs); 0 turns the
+    value embedding off."""
     attention: str = "auto"
     """Attention kernel: "sdpa" (F.scaled_dot_product_attention), "math" (matmul, softmax,
     matmul with an additive mask), or "auto": math on CPU for bf16/fp16 rows of at most
@@ -290,6 +302,8 @@ class Decoder(nn.Module):
         self.inputs = nn.ModuleDict({m: nn.Linear(dim, d, bias=False) for m, dim in cfg.continuous.items()})
         self.row_emb = nn.Embedding(cfg.max_coord, d)
         self.col_emb = nn.Embedding(cfg.max_coord, d)
+        self.value_proj = (nn.Linear(2 * cfg.value_fourier + 1, d, bias=False)
+                           if cfg.value_ids and cfg.value_fourier > 0 else None)
         self.blocks = nn.ModuleList([Block(cfg, i) for i in range(cfg.n_layer)])
         self.norm = RMSNorm(d, eps=cfg.norm_eps)
         self.head = nn.Linear(d, cfg.vocab_size, bias=False)
@@ -359,7 +373,19 @@ class Decoder(nn.Module):
                     h = h + self.row_emb(rc[:, 0]) + self.col_emb(rc[:, 1])  # (N_m, d)
                 x = x.index_put((feature_index[m],), h.to(x.dtype))  # out of place: autograd-safe
             x = rearrange(x, "(b t) d -> b t d", b=B)  # (B, T, d)
+        if self.value_proj is not None:
+            x = x + self.value_embedding(ids).to(x.dtype)  # (B, T, d)
         return x + self.modality_emb(modality)  # (B, T, d)
+
+    def value_embedding(self, ids: torch.Tensor) -> torch.Tensor:
+        """[..., d]: the projected Fourier features of each value-bin id's position, 0 elsewhere."""
+        start, stop = self.cfg.value_ids
+        is_value = (ids >= start) & (ids < stop)  # (...)
+        u = ((ids - start).clamp(0, stop - start - 1).float() + 0.5) * (2.0 / (stop - start)) - 1.0  # (...) in (-1, 1)
+        k = torch.arange(1, self.cfg.value_fourier + 1, device=ids.device, dtype=torch.float32)  # (F,)
+        angles = math.pi * u[..., None] * k  # (..., F)
+        feats = torch.cat([u[..., None], angles.sin(), angles.cos()], dim=-1)  # (..., 2F+1)
+        return self.value_proj(feats * is_value[..., None])  # (..., d)
 
     def attn_mask(self, sample_ids, kv_cache: KVCache | None, T: int, device) -> torch.Tensor | None:
         """Bool mask [B, 1, T, L] (True = attend), or None for plain causal attention.

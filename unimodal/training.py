@@ -221,9 +221,11 @@ def choose_tasks(cfg: TrainConfig, manifest: dict | None) -> list[str]:
 
 
 def model_config(cfg: TrainConfig, toks: Tokenizers) -> ModelConfig:
-    """The configured model with what the data fixes: vocabulary, feature dims, row length."""
+    """The configured model with what the data fixes: vocabulary, feature dims, row length,
+    the value-bin ids."""
     kw = asdict(cfg.model)
-    kw.update(vocab_size=toks.vocab.size, continuous=toks.continuous_dims, max_seq_len=cfg.data.seq_len)
+    kw.update(vocab_size=toks.vocab.size, continuous=toks.continuous_dims, max_seq_len=cfg.data.seq_len,
+              value_ids=tuple(toks.vocab.range("value")))
     return ModelConfig(**kw)
 
 
