@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import inspect
 import json
 import os
 import platform
@@ -89,8 +88,8 @@ def make_setup(precision: str | None, threads: int | None, keep_memory: bool = T
         configure_cpu(keep_memory)  # as training does: flush denormals, keep freed memory
     else:
         torch.set_float32_matmul_precision("high")
-    keeps = device.type == "cpu" and keep_memory
-    return Setup(device, precision, "keep freed memory (mallopt)" if keeps else "default")
+    malloc = "keep freed memory (mallopt)" if keep_memory else "glibc default"
+    return Setup(device, precision, malloc if device.type == "cpu" else "default")
 
 
 def git_commit(root: Path | None = None) -> str | None:
@@ -293,30 +292,20 @@ def compile_blocks(blocks) -> None:
 
 
 def our_train_step(model: Decoder, setup: Setup, packed: bool = True, compile: bool = False) -> Callable:
-    """``step(batch)``: one training step as UnimodalModule._step runs it: forward (logits at
-    the target positions only, where Decoder.forward takes ``output_index``), token_loss
-    (+ z-loss; compiled with ``compile``, as training does), backward, AdamW.
-    ``packed=False`` drops the sample ids (plain causal)."""
+    """``step(batch)``: one training step as UnimodalModule._step runs it (``module.target_loss``:
+    logits and the loss at the target positions only; the loss compiled with ``compile``, as
+    training does), backward, AdamW. ``packed=False`` drops the sample ids (plain causal)."""
+    from unimodal.module import compiled_loss, target_loss
+
     opt = optimizer(model, setup.device)
-    from unimodal.module import compiled_loss
     loss_fn = compiled_loss() if compile else token_loss
-    z = model.cfg.z_loss
-    at_targets = "output_index" in inspect.signature(model.forward).parameters
 
     def step(batch) -> torch.Tensor:
         inputs = batch.model_inputs()
         if not packed:
             inputs["sample_ids"] = None
         with setup.autocast():
-            if at_targets:
-                idx = ((batch.targets != -100) & (batch.weights != 0)).flatten().nonzero().squeeze(1)  # (N,)
-                logits = model(**inputs, output_index=idx)  # (N, V)
-                targets, weights = batch.targets.flatten()[idx], batch.weights.flatten()[idx]
-            else:
-                logits = model(**inputs)  # (B, T, V)
-                targets, weights = batch.targets, batch.weights
-            loss_tok, mask = loss_fn(logits, targets, weights, z)
-            loss = loss_tok.sum() / weights[mask].float().sum().clamp_min(1e-6)
+            loss = target_loss(model, batch, model.cfg.z_loss, loss_fn, inputs)[-1]
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -602,7 +591,7 @@ def table(result: dict) -> str:
                     f"{result['cache_speedup']:.1f}x" + (f", vs peer {result['ratio']:.2f}x" if result["ratio"] else ""))
     env = (f"{result['device']}, {result['precision']}, {result['threads']} threads, torch {result['torch']}"
            + (f", transformers {result['transformers']}" if result.get("transformers") else "")
-           + (f", {result['malloc']}" if result.get("malloc") != "glibc default" else "")
+           + (f", {result['malloc']}" if result.get("malloc") else "")
            + (f", other processes busy {result['other_cores_busy']:.2f} cores"
               if result.get("other_cores_busy") is not None else "")
            + f", median of {result['repeats']} x {result['steps']} after {result['warmup']} warm-up")

@@ -80,6 +80,18 @@ def compiled_loss():
     return torch.compile(token_loss, dynamic=True)
 
 
+def target_loss(model: Decoder, batch: Batch, z_loss: float, loss_fn=token_loss, inputs: dict | None = None):
+    """The training step's loss, at the target positions only: logits [N, V], per-target loss
+    [N], the flat indices [N] of those positions, and the weighted mean loss. ``inputs``
+    replaces ``batch.model_inputs()`` (the benchmark drops the sample ids for causal rows)."""
+    idx = ((batch.targets != -100) & (batch.weights != 0)).flatten().nonzero().squeeze(1)  # (N,)
+    logits = model(**(inputs if inputs is not None else batch.model_inputs()), output_index=idx)  # (N, V)
+    weights = batch.weights.flatten()[idx]  # (N,)
+    loss_tok, _ = loss_fn(logits, batch.targets.flatten()[idx], weights, z_loss)
+    loss = loss_tok.sum() / weights.float().sum().clamp_min(1e-6)
+    return logits, loss_tok, idx, loss
+
+
 class UnimodalModule(L.LightningModule):
     """Trains one Decoder on a mixture of tasks.
 
@@ -137,14 +149,8 @@ class UnimodalModule(L.LightningModule):
         return batch.to(device, non_blocking=True) if isinstance(batch, Batch) else batch
 
     def _step(self, batch: Batch):
-        """Loss at the target positions only: logits [N, V], per-target loss [N], the flat
-        indices [N] of those positions, and the weighted mean loss."""
-        idx = ((batch.targets != -100) & (batch.weights != 0)).flatten().nonzero().squeeze(1)  # (N,)
-        logits = self.model(**batch.model_inputs(), output_index=idx)  # (N, V)
-        loss_tok, mask = self.loss_fn(logits, batch.targets.flatten()[idx], batch.weights.flatten()[idx],
-                                      self.model_cfg.z_loss)
-        loss = loss_tok.sum() / batch.weights.flatten()[idx].float().sum().clamp_min(1e-6)
-        return logits, loss_tok, idx, loss
+        """logits [N, V], per-target loss [N], target indices [N], mean loss (``target_loss``)."""
+        return target_loss(self.model, batch, self.model_cfg.z_loss, self.loss_fn)
 
     def _log_now(self) -> bool:
         """True on the step that ends a log interval (global_step counts finished steps)."""

@@ -92,7 +92,5 @@ def expected_count(limit: int | None = None) -> int:
     return 31_102 if limit is None else min(limit, 31_102)
 
 
-
-
 def manifest_extra() -> dict:
     return dict(_STATS)

@@ -576,8 +576,6 @@ def samples(limit: int | None = None) -> Iterator[dict]:
                             (counts["control"], _control(limit))])
 
 
-
-
 def text_corpus(limit: int | None = None) -> Iterator[str]:
     """Everything text the full build contains, whatever ``limit`` is (cheap; the text
     model is then the same for a quick build and a full one)."""

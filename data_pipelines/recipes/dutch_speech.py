@@ -91,7 +91,5 @@ def text_corpus(limit: int | None = None) -> Iterator[str]:
         yield d["english"]
 
 
-
-
 def manifest_extra() -> dict:
     return dict(_STATS)

@@ -80,7 +80,5 @@ def text_corpus(limit: int | None = None) -> list[str]:
     return list(CLASSES)
 
 
-
-
 def manifest_extra() -> dict:
     return dict(_STATS)
