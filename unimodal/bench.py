@@ -33,7 +33,8 @@ from typing import Callable
 
 import torch
 
-from unimodal.model import PRESETS, Decoder, ModelConfig, param_groups, token_loss
+from unimodal.model import (ATTENTION_KERNELS, MATH_ATTENTION_MAX_LEN, PRESETS, Decoder, ModelConfig,
+                            param_groups, token_loss)
 
 # a ~0.2M-parameter model for tests and smoke runs
 BENCH_PRESETS: dict[str, dict] = {
@@ -291,6 +292,17 @@ def compile_blocks(blocks) -> None:
         block.compile(dynamic=False)
 
 
+def attention_kernel(model: Decoder, setup: Setup, packed: bool, T: int) -> str:
+    """The kernel our attention runs in a training step (``ModelConfig.attention`` resolved)."""
+    kernel = model.cfg.attention
+    if packed and model.use_flex():
+        return "flex"
+    if kernel == "auto":
+        short_bf16_cpu = setup.device.type == "cpu" and setup.precision == "bf16" and T <= MATH_ATTENTION_MAX_LEN
+        return "math" if short_bf16_cpu else "sdpa"
+    return "sdpa" if kernel == "flex" else kernel
+
+
 def our_train_step(model: Decoder, setup: Setup, packed: bool = True, compile: bool = False) -> Callable:
     """``step(batch)``: one training step as UnimodalModule._step runs it (``module.target_loss``:
     logits and the loss at the target positions only; the loss compiled with ``compile``, as
@@ -334,7 +346,8 @@ def peer_train_step(model, setup: Setup, batch) -> Callable[[], torch.Tensor]:
 
 def bench_train(args, setup: Setup) -> dict:
     B, T = _shape(args)
-    cfg = model_config(args.preset, max_seq_len=max(T, BENCH_PRESETS.get(args.preset, {}).get("max_seq_len", T)))
+    cfg = model_config(args.preset, max_seq_len=max(T, BENCH_PRESETS.get(args.preset, {}).get("max_seq_len", T)),
+                       attention=args.attention)
     packed = not args.causal
     model = build_ours(cfg, setup.device)
     batch = text_batch(cfg, B, T, setup.device, packed)
@@ -359,6 +372,7 @@ def bench_train(args, setup: Setup) -> dict:
     return dict(
         bench="train", preset=args.preset, params=model.num_params(), batch_size=B, seq_len=T,
         attention="block-causal, %d samples/row" % SAMPLES_PER_ROW if packed else "causal",
+        attention_kernel=attention_kernel(model, setup, packed, T),
         compile=args.compile, peer_compile=bool(args.peer and args.compile and not args.peer_eager),
         repeats=args.repeats, warmup=args.warmup, steps=args.steps,
         tokens_per_s=ours, peer=args.peer, peer_tokens_per_s=peer_tps,
@@ -569,7 +583,7 @@ def table(result: dict) -> str:
             lines.append(f"{name:<14} {_fmt(tps):>12} {_fmt(1e3 * step_tok / tps, '.1f'):>9} "
                          f"{_fmt(mfu, '.1%'):>7} {_fmt(ratio, '.2f') + 'x' if ratio else '-':>8}")
         settings = (f"preset {result['preset']} ({result['params'] / 1e6:.1f}M), batch {result['batch_size']} x "
-                    f"{result['seq_len']}, {result['attention']}, compile {result['compile']}"
+                    f"{result['seq_len']}, {result['attention']} ({result['attention_kernel']}), compile {result['compile']}"
                     f"{' (peer eager)' if result['compile'] and result['peer'] and not result['peer_compile'] else ''}, peak "
                     f"{_fmt(result['peak_flops'] / 1e9 if result['peak_flops'] else None, '.0f')} GFLOP/s "
                     f"({result['peak_source']})")
@@ -625,6 +639,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--glibc-malloc", action="store_true",
                    help="CPU: leave glibc's allocator at its defaults instead of training's setting "
                         "(keep freed memory rather than page-fault it back every step)")
+    p.add_argument("--attention", choices=ATTENTION_KERNELS, default="auto",
+                   help="train: our attention kernel (ModelConfig.attention; default auto, as training)")
     p.add_argument("--causal", action="store_true",
                    help="train: one sample per row (plain causal) instead of packed block-causal rows")
     p.add_argument("--shards", default="data/demo", help="data: shard folder (default data/demo)")

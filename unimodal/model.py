@@ -21,7 +21,10 @@ Design choices:
 - no biases anywhere; F.scaled_dot_product_attention for the attention itself, except for
   short rows in bf16/fp16 on CPU (``attention="auto"``): there a plain matmul-softmax-matmul
   with an additive mask is ~2x faster, forward and backward, than SDPA's CPU flash kernel
-  (docs/LOG.md, "Performance")
+  (docs/LOG.md, "Performance"); ``attention="flex"`` runs packed rows through FlexAttention
+  with a block mask (a fused kernel that skips the blocks two samples never share), CUDA only
+  for training; on an H100 it measured 7% slower than SDPA's masked kernel at GPT-2 small's
+  shape, so "auto" leaves it off (benchmarks/RESULTS.md)
 - init: normal(0, init_std) for matrices and embeddings; the output projections of
   attention and MLP scaled by 1/sqrt(2 n_layer) (GPT-2), so every path is live from step 0
   and the residual stream keeps its size with depth; head std init_std/sqrt(d_model), so the
@@ -44,6 +47,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange, repeat
+
+try:  # FlexAttention: torch >= 2.5
+    from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
+except ImportError:  # pragma: no cover - older torch: SDPA with a mask instead
+    BlockMask = create_block_mask = flex_attention = None
+
+
+ATTENTION_KERNELS = ("auto", "sdpa", "math", "flex")
 
 
 @dataclass
@@ -93,9 +104,11 @@ class ModelConfig:
     value embedding off."""
     attention: str = "auto"
     """Attention kernel: "sdpa" (F.scaled_dot_product_attention), "math" (matmul, softmax,
-    matmul with an additive mask), or "auto": math on CPU for bf16/fp16 rows of at most
-    MATH_ATTENTION_MAX_LEN tokens without a KV cache, where it is ~2x faster than SDPA's CPU
-    flash kernel; SDPA everywhere else."""
+    matmul with an additive mask), "flex" (FlexAttention with a block mask for packed rows
+    without a KV cache, SDPA otherwise; trains on CUDA only), or "auto": math on CPU for
+    bf16/fp16 rows of at most MATH_ATTENTION_MAX_LEN tokens without a KV cache, where it is
+    ~2x faster than SDPA's CPU flash kernel; SDPA everywhere else (plain causal rows get its
+    flash kernel, packed rows its masked one)."""
 
     def __post_init__(self) -> None:
         # n_kv_head and mlp_hidden stay None when unset (read kv_heads / hidden): filling them
@@ -106,8 +119,8 @@ class ModelConfig:
             raise ValueError(f"n_head {self.n_head} is not divisible by n_kv_head {self.kv_heads}")
         if (self.d_model // self.n_head) % 2:
             raise ValueError("head size d_model // n_head must be even for rotary embeddings")
-        if self.attention not in ("auto", "sdpa", "math"):
-            raise ValueError(f"attention must be auto, sdpa or math, not {self.attention!r}")
+        if self.attention not in ATTENTION_KERNELS:
+            raise ValueError(f"attention must be one of {', '.join(ATTENTION_KERNELS)}, not {self.attention!r}")
 
     @property
     def head_dim(self) -> int:
@@ -216,6 +229,35 @@ def math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torc
     return torch.matmul(scores.softmax(dim=-1), v)  # (B, nh, T, hs)
 
 
+_COMPILED_FLEX: list = []
+
+
+def flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask) -> torch.Tensor:
+    """FlexAttention of q [B, nh, T, hs] over k, v [B, nkv, L, hs] (grouped-query when
+    nkv < nh) under ``block_mask``. Compiled on CUDA, where eager flex_attention would
+    materialise the scores; eager elsewhere (a reference implementation, for tests)."""
+    fn = flex_attention
+    if q.device.type == "cuda":
+        if not _COMPILED_FLEX:
+            _COMPILED_FLEX.append(torch.compile(flex_attention))
+        fn = _COMPILED_FLEX[0]
+    return fn(q, k, v, block_mask=block_mask, enable_gqa=k.shape[1] != q.shape[1])
+
+
+def packed_block_mask(sample_ids: torch.Tensor):
+    """FlexAttention's BlockMask for packed rows: query i sees key j iff j <= i and both
+    belong to the same sample (``sample_ids`` [B, T]). Blocks of 128 x 128 that no pair of
+    the same sample shares are skipped, not computed and masked."""
+    B, T = sample_ids.shape
+
+    def same_sample_causal(b, h, q_idx, kv_idx):
+        return (sample_ids[b, q_idx] == sample_ids[b, kv_idx]) & (kv_idx <= q_idx)
+
+    # compiled on CUDA: built eagerly, the mask cost ~10 ms a step at 16 x 1,024 on an H100
+    return create_block_mask(same_sample_causal, B, None, T, T, device=sample_ids.device,
+                             _compile=sample_ids.device.type == "cuda")
+
+
 class Attention(nn.Module):
     """Grouped-query self-attention with a fused QKV matrix, QK-norm and rotary positions."""
 
@@ -240,6 +282,11 @@ class Attention(nn.Module):
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_idx, k, v)  # (B, nkv, L, hs)
             k, v = k.to(q.dtype), v.to(q.dtype)
+        if BlockMask is not None and isinstance(mask, BlockMask):
+            # v contiguous: inductor's flex kernel (torch 2.13, CPU) gave wrong outputs for v
+            # still a strided view of the fused QKV output, beside q and k made new by rotary
+            y = flex(q, k, v.contiguous(), mask)  # (B, nh, T, hs)
+            return self.proj(rearrange(y, "b h t d -> b t (h d)"))  # (B, T, d)
         if self.n_kv_head != self.n_head:
             # explicit repeat rather than SDPA's enable_gqa, which not every kernel (nor a mask) supports
             r = self.n_head // self.n_kv_head
@@ -387,15 +434,22 @@ class Decoder(nn.Module):
         feats = torch.cat([u[..., None], angles.sin(), angles.cos()], dim=-1)  # (..., 2F+1)
         return self.value_proj(feats * is_value[..., None])  # (..., d)
 
+    def use_flex(self) -> bool:
+        """FlexAttention for packed rows without a KV cache, where asked for ("flex")."""
+        return BlockMask is not None and self.cfg.attention == "flex"
+
     def attn_mask(self, sample_ids, kv_cache: KVCache | None, T: int, device) -> torch.Tensor | None:
         """Bool mask [B, 1, T, L] (True = attend), or None for plain causal attention.
 
         Query i sees key j iff j <= i and both belong to the same sample. The diagonal is
-        always True, so no row is empty and softmax never makes NaNs.
+        always True, so no row is empty and softmax never makes NaNs. Where FlexAttention
+        runs (``use_flex``), the same mask as a BlockMask.
         """
         if kv_cache is None:
             if sample_ids is None:
                 return None  # SDPA's is_causal
+            if self.use_flex():
+                return packed_block_mask(sample_ids)
             causal = torch.ones(T, T, dtype=torch.bool, device=device).tril()  # (T, T)
             same = sample_ids[:, :, None] == sample_ids[:, None, :]  # (B, T, T)
             return (same & causal)[:, None]  # (B, 1, T, T)

@@ -371,6 +371,9 @@ def run(cfg: TrainConfig) -> dict:
     from unimodal.module import ThroughputCallback, UnimodalModule
 
     if cfg.trainer.accelerator in ("cpu", "auto") and not torch.cuda.is_available():
+        if cfg.model.attention == "flex":
+            raise ConfigError("--model.attention flex trains on CUDA only (FlexAttention has no CPU "
+                              "backward); use auto, sdpa or math on CPU")
         configure_cpu()
     else:
         torch.set_float32_matmul_precision("high")
