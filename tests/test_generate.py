@@ -334,6 +334,32 @@ def test_runner_acts_as_act_does(um, task, context, refill):
     assert len(runner(rng.normal(size=(1, d)))) == 1
 
 
+def test_continuous_actions_decode_to_the_mean_of_the_bins(um):
+    """Greedy continuous actions take the bin of the predicted distribution's mean (within the
+    action bounds); sampling and discrete actions are untouched."""
+    spec = um.control_spec("control.pendulum-v1")
+    lo, hi = spec.range
+    vocab = um.model.cfg.vocab_size
+    ids_of = lambda x: um.toks.value.encode(np.asarray(x, dtype=np.float32), modality="action").ids  # noqa: E731
+    allowed = um.allowed_ids(spec.range, eos=False)
+    logits = torch.full((3, vocab), -1e4)
+    a, b = ids_of([1.0, -0.5])
+    logits[0, [a, b]] = 0.0  # half on 1.0, half on -0.5: mean 0.25, where no mass is
+    logits[1, ids_of([1.5])[0]] = 0.0  # one bin: itself
+    c, d = ids_of([2.0, 100.0])
+    logits[2, [c, d]] = 0.0  # beyond the bounds counts as the bound: mean 2.0, not 51
+    got = [float(spec.decode([i])[0]) for i in spec.pick(logits, allowed, 0.0, None, None)]
+    np.testing.assert_allclose(got, [0.25, 1.5, 2.0], atol=0.03)  # a bin is ~0.03 wide near 1.5
+    assert int(Unimodal._pick(logits[:1], allowed, 0.0, None, None)) in (a, b)  # the mode: one of the peaks
+    gen = torch.Generator().manual_seed(0)
+    sampled = {int(spec.pick(logits[:1], allowed, 1.0, None, gen)) for _ in range(40)}
+    assert sampled == {a, b}  # sampling draws from the distribution itself
+    cart = um.control_spec("control.cartpole-v1")
+    two = torch.full((1, vocab), -1e4)
+    two[0, cart.range[0] + 1] = 0.0
+    assert int(cart.pick(two, um.allowed_ids(cart.range, eos=False), 0.0, None, None)) == cart.range[0] + 1
+
+
 def test_act_validates_history(um):
     with pytest.raises(InputError, match="one more observation"):
         um.act("control.cartpole-v1", np.zeros((2, 4)), np.zeros(2, dtype=int))

@@ -430,7 +430,9 @@ def run(cfg: TrainConfig) -> dict:
     trainer.fit(module, datamodule=dm, ckpt_path=ckpt)
     last = run_dir / "checkpoints" / "last.ckpt"
     if trainer.global_step != _saved_step(last):  # "at the end", whatever ckpt_every is
-        trainer.save_checkpoint(last)  # every rank calls it; rank 0 writes
+        # every rank calls it; rank 0 writes. weights_only=False: the full state (optimizer too),
+        # said explicitly so Lightning does not log "`weights_only` was not set, defaulting to `False`"
+        trainer.save_checkpoint(last, weights_only=False)
     if trainer.world_size > 1:
         # identical on every rank after DDP; printed so a launch can be checked at a glance
         checksum = sum(float(p.detach().double().sum()) for p in module.parameters())
