@@ -8,6 +8,7 @@ import importlib.util
 import json
 
 import pytest
+import torch
 
 from unimodal.bench import main
 
@@ -65,6 +66,13 @@ def test_table_is_default(capsys):
 def test_bad_flags_exit_2(capsys, argv):
     assert main([*argv, "--json"]) == 2
     assert capsys.readouterr().err.startswith("error:")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="flex trains on CUDA")
+def test_flex_on_cpu_is_one_error_line(capsys):
+    assert main(["train", "--preset", "tiny", "--attention", "flex", *QUICK]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and "CUDA only" in err and err.count("\n") == 1
 
 
 @pytest.mark.slow

@@ -345,6 +345,8 @@ def peer_train_step(model, setup: Setup, batch) -> Callable[[], torch.Tensor]:
 # ----------------------------------------------------------------------------- train
 
 def bench_train(args, setup: Setup) -> dict:
+    if args.attention == "flex" and setup.device.type != "cuda":
+        raise BenchError("--attention flex trains on CUDA only (FlexAttention has no CPU backward)")
     B, T = _shape(args)
     cfg = model_config(args.preset, max_seq_len=max(T, BENCH_PRESETS.get(args.preset, {}).get("max_seq_len", T)),
                        attention=args.attention)

@@ -253,7 +253,7 @@ def packed_block_mask(sample_ids: torch.Tensor):
     def same_sample_causal(b, h, q_idx, kv_idx):
         return (sample_ids[b, q_idx] == sample_ids[b, kv_idx]) & (kv_idx <= q_idx)
 
-    # compiled on CUDA: built eagerly, the mask cost ~10 ms a step at 16 x 1,024 on an H100
+    # compiled on CUDA: built eagerly, the mask cost ~7 ms a step at 16 x 1,024 on an H100
     return create_block_mask(same_sample_causal, B, None, T, T, device=sample_ids.device,
                              _compile=sample_ids.device.type == "cuda")
 
