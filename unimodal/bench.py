@@ -33,8 +33,7 @@ from typing import Callable
 
 import torch
 
-from unimodal.model import (ATTENTION_KERNELS, MATH_ATTENTION_MAX_LEN, PRESETS, Decoder, ModelConfig,
-                            param_groups, token_loss)
+from unimodal.model import ATTENTION_KERNELS, PRESETS, Decoder, ModelConfig, param_groups, picks_math, token_loss
 
 # a ~0.2M-parameter model for tests and smoke runs
 BENCH_PRESETS: dict[str, dict] = {
@@ -294,13 +293,9 @@ def compile_blocks(blocks) -> None:
 
 def attention_kernel(model: Decoder, setup: Setup, packed: bool, T: int) -> str:
     """The kernel our attention runs in a training step (``ModelConfig.attention`` resolved)."""
-    kernel = model.cfg.attention
     if packed and model.use_flex():
         return "flex"
-    if kernel == "auto":
-        short_bf16_cpu = setup.device.type == "cpu" and setup.precision == "bf16" and T <= MATH_ATTENTION_MAX_LEN
-        return "math" if short_bf16_cpu else "sdpa"
-    return "sdpa" if kernel == "flex" else kernel
+    return "math" if picks_math(model.cfg.attention, setup.device.type, setup.dtype, T, cached=False) else "sdpa"
 
 
 def our_train_step(model: Decoder, setup: Setup, packed: bool = True, compile: bool = False) -> Callable:

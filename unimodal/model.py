@@ -40,6 +40,7 @@ nkv key/value heads, hs head size, d d_model, V vocab, N_m continuous inputs of 
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 
@@ -229,18 +230,26 @@ def math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torc
     return torch.matmul(scores.softmax(dim=-1), v)  # (B, nh, T, hs)
 
 
-_COMPILED_FLEX: list = []
+def picks_math(kernel: str, device_type: str, dtype: torch.dtype, T: int, cached: bool) -> bool:
+    """Whether attention ``kernel`` runs ``math_attention`` for T query rows of ``dtype`` on
+    ``device_type`` (``cached``: with a KV cache): asked for, or "auto" on CPU for bf16/fp16
+    rows of at most MATH_ATTENTION_MAX_LEN without a cache."""
+    if kernel != "auto":
+        return kernel == "math"
+    return (device_type == "cpu" and dtype in (torch.bfloat16, torch.float16) and not cached
+            and T <= MATH_ATTENTION_MAX_LEN)
+
+
+@functools.cache
+def _compiled_flex():
+    return torch.compile(flex_attention)
 
 
 def flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask) -> torch.Tensor:
     """FlexAttention of q [B, nh, T, hs] over k, v [B, nkv, L, hs] (grouped-query when
     nkv < nh) under ``block_mask``. Compiled on CUDA, where eager flex_attention would
     materialise the scores; eager elsewhere (a reference implementation, for tests)."""
-    fn = flex_attention
-    if q.device.type == "cuda":
-        if not _COMPILED_FLEX:
-            _COMPILED_FLEX.append(torch.compile(flex_attention))
-        fn = _COMPILED_FLEX[0]
+    fn = _compiled_flex() if q.device.type == "cuda" else flex_attention
     return fn(q, k, v, block_mask=block_mask, enable_gqa=k.shape[1] != q.shape[1])
 
 
@@ -300,10 +309,7 @@ class Attention(nn.Module):
 
 
     def _math(self, q: torch.Tensor, kv_cache: KVCache | None) -> bool:
-        if self.kernel != "auto":
-            return self.kernel == "math"
-        return (q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16) and kv_cache is None
-                and q.shape[-2] <= MATH_ATTENTION_MAX_LEN)
+        return picks_math(self.kernel, q.device.type, q.dtype, q.shape[-2], kv_cache is not None)
 
 
 class MLP(nn.Module):
