@@ -9,7 +9,7 @@ reported under its own name):
 | audio.transcribe* | ``accuracy``; per subset of the sample json: ``accuracy_digits``, ``exact_match_phrases`` |
 | text.translate.* | corpus ``chrf`` and ``bleu`` (sacrebleu, 0..100), ``exact_match`` (strip + lower) |
 | code.complete | ``exact_match_next_line`` (mode 'next_lines'), ``bits_per_byte`` of the reference completions under teacher forcing, ``baseline_bits_per_byte`` of an add-one unigram over code ids fitted on the train split, ``bpb_ratio`` |
-| control.* | closed-loop ``return`` (mean over episodes) and ``normalized_return`` = (return - random) / (expert - random) |
+| control.* | closed-loop ``return`` (mean over episodes) and ``normalized_return`` = (return - random) / (expert - random); ``nonfinite_episodes``: episodes cut short by a non-finite observation or reward |
 
 Answers are decoded greedily and constrained to the answer's vocabulary range, several
 prompts at a time. Decoding stops at ``<eos>`` or at twice the reference's length in
@@ -21,6 +21,11 @@ Control episodes run on seeds ``seed .. seed + episodes - 1`` (data seeds are be
 10,000), all episodes of a task as one batch through ``ControlRunner``, which appends each
 timestep to a KV cache. Expert and random returns come from the shard manifest's
 ``control`` section (computed with data_pipelines/control.py if absent).
+
+A broken model (NaN weights) gets its bad scores, never a crash: decoding turns non-finite
+logits into valid ids (``generate.finite_logits``), an episode whose environment returns a
+non-finite observation or reward ends there and is counted, and a NaN metric (bits per byte
+of NaN logits) is written to JSON as null.
 """
 from __future__ import annotations
 
@@ -115,14 +120,19 @@ def per_episode(policy: Callable[[np.ndarray], Any]) -> BatchPolicy:
 
 
 def run_episodes(env_id: str, policy: BatchPolicy, episodes: int = 20,
-                 seed: int = ctl.EVAL_SEED_START) -> list[float]:
+                 seed: int = ctl.EVAL_SEED_START, stats: Counter | None = None) -> list[float]:
     """Returns of ``episodes`` episodes run side by side, env ``i`` reset with ``seed + i``.
 
     ``policy`` maps the observations float [m, obs_dim] of the m episodes still running to
     one action each. When episodes end and the policy has ``select(rows)`` (as
     ``ControlRunner`` does), it is told which of its rows go on, so it stops computing for
     the finished ones.
+
+    An episode whose step returns a non-finite observation or reward (a broken policy can
+    drive an env there: a NaN torque makes Pendulum's state NaN) ends at that step, scored
+    by the sum of its finite rewards, and is counted in ``stats["nonfinite_episodes"]``.
     """
+    stats = stats if stats is not None else Counter()
     info = ctl.ENV_INFO[env_id]
     envs = [ctl.make_env(env_id) for _ in range(episodes)]
     try:
@@ -137,9 +147,11 @@ def run_episodes(env_id: str, policy: BatchPolicy, episodes: int = 20,
                 a = int(a) if info.discrete else np.clip(
                     np.asarray(a, dtype=np.float32).reshape(info.act_dim), info.act_low, info.act_high)
                 o, r, term, trunc, _ = envs[i].step(a)
-                obs[i] = np.asarray(o, dtype=np.float32)
-                rets[i] += float(r)
-                if not (term or trunc):
+                obs[i], r = np.asarray(o, dtype=np.float32), float(r)
+                rets[i] += r if math.isfinite(r) else 0.0
+                if not (math.isfinite(r) and np.isfinite(obs[i]).all()):
+                    stats["nonfinite_episodes"] += 1  # it ends here, scored by its finite rewards
+                elif not (term or trunc):
                     still.append(j)
             if len(still) < len(active) and still and hasattr(policy, "select"):
                 policy.select(still)
@@ -178,13 +190,16 @@ def control_metrics(rets: Sequence[float], baseline: dict) -> dict[str, float]:
 
 def evaluate_control(um: Unimodal, task_name: str, manifest: dict | None = None, episodes: int = 20,
                      seed: int = ctl.EVAL_SEED_START, context: int | None = None) -> dict[str, float]:
-    """Closed-loop metrics of ``um`` acting greedily in ``task_name``'s environment."""
+    """Closed-loop metrics of ``um`` acting greedily in ``task_name``'s environment
+    (``control_metrics`` plus ``nonfinite_episodes``, see ``run_episodes``)."""
     env_id = ctl.TASK_ENV.get(task_name)
     if env_id is None:
         raise InputError(f"{task_name} has no environment to roll out in; known: {', '.join(ctl.TASK_ENV)}")
     runner = ControlRunner(um, task_name, n=episodes, context=context)
-    rets = run_episodes(env_id, runner, episodes, seed)
-    return control_metrics(rets, control_baselines(env_id, manifest, episodes, seed))
+    stats: Counter = Counter()
+    rets = run_episodes(env_id, runner, episodes, seed, stats)
+    return {**control_metrics(rets, control_baselines(env_id, manifest, episodes, seed)),
+            "nonfinite_episodes": stats["nonfinite_episodes"]}
 
 
 # --------------------------------------------------------------------------------------
@@ -454,8 +469,9 @@ def _sample_task(um: Unimodal, name: str, samples: list[dict], shards: str, batc
 # --------------------------------------------------------------------------------------
 _ORDER = ("accuracy", "accuracy_digits", "exact_match_phrases", "chrf", "bleu", "exact_match",
           "exact_match_next_line", "bits_per_byte", "baseline_bits_per_byte", "bpb_ratio",
-          "return", "normalized_return", "samples", "episodes")
+          "return", "normalized_return", "samples", "episodes", "nonfinite_episodes")
 _HIDDEN = {"return_std", "bits_per_token", "next_line_samples"}
+_IF_NONZERO = {"nonfinite_episodes"}  # a column only when some task has one
 
 
 def _fmt(v: Any) -> str:
@@ -471,9 +487,11 @@ def _fmt(v: Any) -> str:
 
 
 def markdown_table(results: dict) -> str:
-    """A Markdown table of ``evaluate``'s results: one row per task, metrics as columns."""
+    """A Markdown table of ``evaluate``'s results: one row per task, metrics as columns
+    (NaN shows as n/a, infinities as inf / -inf)."""
     tasks = results.get("tasks", results)
-    cols = {k for m in tasks.values() for k in m if k not in _HIDDEN}
+    cols = {k for m in tasks.values() for k, v in m.items()
+            if k not in _HIDDEN and (k not in _IF_NONZERO or v)}
     ordered = [c for c in _ORDER if c in cols] + sorted(cols - set(_ORDER))
     lines = ["| task | " + " | ".join(ordered) + " |", "| --- |" + " --- |" * len(ordered)]
     for name, metrics in tasks.items():
@@ -497,7 +515,9 @@ def _json_safe(x):
 def write_json(results: dict, path: str | os.PathLike) -> None:
     """Write ``results`` as JSON to ``path`` atomically (a temp file beside it, then rename).
 
-    NaN (a metric with nothing to measure) is written as null.
+    Every non-finite number (NaN: a metric with nothing to measure, or one of a broken
+    model, e.g. the bits per byte of NaN logits; or an infinity) is written as null, so the
+    file is strict JSON that any reader parses and every metric is a number or null.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

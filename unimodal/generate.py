@@ -9,6 +9,8 @@
   position, so the padding between a short prompt and its answer is never attended to.
 - Decoding is constrained to the output modality's id range (plus ``<eos>``): every other
   logit, padded vocabulary ids included, is -inf, so an answer can never leave its range.
+  Non-finite logits (a broken model's) still decode, deterministically, to an id of the
+  range (``finite_logits``): the model gets its bad scores rather than a crash.
 - Control (Gato): ``act`` builds ``<bos> instruction`` + the last timesteps that fit +
   the current observation + ``<sep>`` and decodes the action tokens; ``ControlRunner``
   drives many episodes at once and appends each new timestep to the KV cache instead of
@@ -266,6 +268,18 @@ def _device(device: str | torch.device) -> torch.device:
     return dev
 
 
+def finite_logits(logits: torch.Tensor) -> torch.Tensor:
+    """Float32 logits [..., V] with NaN and -inf as the lowest finite float, +inf as the highest.
+
+    A broken model (NaN or overflowing weights) still decodes: a NaN is the least likely of
+    the ids, a row of nothing but NaN is uniform (greedy: its first allowed id), and the
+    mask applied afterwards stays the only -inf, so no id outside the range can come out.
+    Finite logits are unchanged.
+    """
+    f = torch.finfo(torch.float32)
+    return torch.nan_to_num(logits.float(), nan=f.min, posinf=f.max, neginf=f.min)
+
+
 @contextmanager
 def head_at(model: Decoder, index: torch.Tensor | None = None, mask: torch.Tensor | None = None):
     """Within this block the model's output head reads only the positions needed.
@@ -380,11 +394,12 @@ class Unimodal:
     @staticmethod
     def _pick(logits: torch.Tensor, allowed: torch.Tensor, temperature: float, top_k: int | None,
               gen: torch.Generator | None) -> torch.Tensor:
-        """Next ids [B] from logits [B, V], never outside ``allowed`` [V]."""
-        logits = logits.float().masked_fill(~allowed, float("-inf"))  # (B, V)
+        """Next ids [B] from logits [B, V], never outside ``allowed`` [V] (non-finite logits
+        included: see ``finite_logits``)."""
+        logits = logits.float() / temperature if temperature > 0 else logits
+        logits = finite_logits(logits).masked_fill(~allowed, float("-inf"))  # (B, V)
         if temperature <= 0:
             return logits.argmax(-1)
-        logits = logits / temperature
         if top_k:
             k = min(int(top_k), int(allowed.sum()))
             kth = logits.topk(k, dim=-1).values[:, -1:]  # (B, 1)
@@ -710,7 +725,10 @@ class ControlSpec:
         (as in HL-Gauss-style regression by classification); the mode of 1,024 fine bins jumps
         between neighbouring peaks. On Pendulum it took the normalised return of two demo runs
         from 0.07 and 0.12 to 0.27 and 0.23 (docs/LOG.md). Sampling (temperature > 0) and
-        discrete actions are unchanged."""
+        discrete actions are unchanged.
+
+        Non-finite logits still give a valid in-range id, deterministically when greedy
+        (``finite_logits``): a row of NaN takes the mean of every bin's value (0 on Pendulum)."""
         if self.task.discrete or temperature > 0:
             return Unimodal._pick(logits, allowed, temperature, top_k, gen)
         lo, hi = self.range
@@ -718,7 +736,7 @@ class ControlSpec:
             centres = self.toks.value.decode(np.arange(lo, hi, dtype=np.int64))  # (bins,)
             self._values = torch.as_tensor(np.clip(centres, self.low, self.high), dtype=torch.float32,
                                            device=logits.device)
-        probs = torch.softmax(logits.float()[:, lo:hi], dim=-1)  # (B, bins)
+        probs = torch.softmax(finite_logits(logits[:, lo:hi]), dim=-1)  # (B, bins)
         mean = (probs @ self._values).cpu().numpy()  # (B,)
         return torch.as_tensor(self.toks.value.encode(mean, modality="action").ids, device=logits.device)
 
