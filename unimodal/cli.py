@@ -85,8 +85,8 @@ def cmd_train(argv: list[str]) -> int:
         msg = str(e).splitlines()[0] if str(e) else "invalid arguments"
         print(f"error: {msg} (see python train.py --help)", file=sys.stderr)
         return 2
-    run(build_config(parser, ns))
-    return 0
+    result = run(build_config(parser, ns))
+    return 1 if result.get("failed") else 0
 
 
 def build_config(parser, ns):

@@ -11,6 +11,9 @@
   loads with ``torch.load(weights_only=True)``.
 - compile and activation checkpointing are applied to the model's blocks from here, never
   inside model.py.
+- a non-finite loss or gradient never reaches the weights: that optimiser step is skipped
+  (its gradients dropped), counted (``train/nonfinite_steps``) and, the first time, reported
+  in one line naming the step and the batch's tasks; ``nonfinite_stop`` in a row stop the run.
 """
 from __future__ import annotations
 
@@ -105,11 +108,13 @@ class UnimodalModule(L.LightningModule):
         compile: torch.compile each transformer block.
         activation_checkpointing: recompute each block's activations in backward.
         config: the resolved run config (plain dict), saved with the checkpoint.
+        nonfinite_stop: stop after this many optimiser steps in a row with a non-finite loss
+            or gradient (each one is skipped); 0 never stops.
     """
 
     def __init__(self, model: dict, optim: dict, tasks: list[str], tokenizers: dict | None = None,
                  max_steps: int = 1000, compile: bool = False, activation_checkpointing: bool = False,
-                 config: dict | None = None):
+                 config: dict | None = None, nonfinite_stop: int = 10):
         super().__init__()
         self.save_hyperparameters(ignore=["tokenizers"])
         self.model_cfg = ModelConfig(**model)
@@ -119,6 +124,12 @@ class UnimodalModule(L.LightningModule):
         self.model: Decoder | None = None
         self.loss_fn = token_loss
         self.flops_per_token = 0
+        self.compile_check = None  # set by compile_check.CompileCheck when training starts
+        self.nonfinite_steps = 0  # optimiser steps skipped for a non-finite loss or gradient
+        self.nonfinite_in_a_row = 0
+        self.stopped_nonfinite: str | None = None  # the line that stopped the run, if one did
+        self._bad_loss: torch.Tensor | None = None  # any non-finite micro-batch loss this step
+        self._tasks_seen: torch.Tensor | None = None
 
     def configure_model(self) -> None:
         """Build the decoder (idempotent; Lightning may call this under an FSDP init context)."""
@@ -159,6 +170,9 @@ class UnimodalModule(L.LightningModule):
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         logits, loss_tok, idx, loss = self._step(batch)
         B = batch.ids.shape[0]
+        bad = ~torch.isfinite(loss.detach())  # checked before the optimiser step, no sync here
+        self._bad_loss = bad if self._bad_loss is None else self._bad_loss | bad
+        self._tasks_seen = batch.task
         self.log("train/loss", loss, prog_bar=True, batch_size=B)
         if self._log_now():
             task = batch.task.flatten()[idx]
@@ -234,10 +248,53 @@ class UnimodalModule(L.LightningModule):
         self._report("test")
 
     def on_before_optimizer_step(self, optimizer) -> None:
+        """The global gradient norm (logged every log interval) and the non-finite guard: a
+        step whose loss or gradient is NaN or inf on any rank has its gradients dropped, so
+        AdamW leaves every weight and moment as it was."""
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        strategy = self.trainer.strategy
+        norm = torch.stack([g.detach().float().norm() for g in grads]).norm() if grads else torch.zeros((), device=self.device)
+        if "FSDP" in type(strategy).__name__:  # each rank holds a shard of every gradient
+            norm = strategy.reduce(norm.square(), reduce_op="sum").sqrt()
+        bad_loss = self._bad_loss if self._bad_loss is not None else torch.zeros((), dtype=torch.bool, device=self.device)
+        self._bad_loss = None
+        # under fp16's GradScaler, overflowing gradients are the scaler's to skip (and routine)
+        scaled = getattr(self.trainer.precision_plugin, "scaler", None) is not None
+        bad = bad_loss | (~torch.isfinite(norm) if not scaled else torch.zeros_like(bad_loss))
+        if strategy.reduce(bad.float(), reduce_op="sum") > 0:  # the same decision on every rank
+            self._skip_nonfinite(optimizer, bad_loss, norm)
+            return
+        self.nonfinite_in_a_row = 0
         if self._log_now():
-            norms = [p.grad.detach().float().norm() for p in self.parameters() if p.grad is not None]
-            if norms:
-                self.log("train/grad_norm", torch.stack(norms).norm())
+            self.log("train/grad_norm", norm)
+
+    def _skip_nonfinite(self, optimizer, bad_loss: torch.Tensor, norm: torch.Tensor) -> None:
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                p.grad = None
+        self.nonfinite_steps += 1
+        self.nonfinite_in_a_row += 1
+        step = self.trainer.global_step + 1
+        what = "loss" if bool(bad_loss) else f"gradient norm ({float(norm)})"
+        tasks = self._batch_tasks()
+        self.log("train/nonfinite_steps", float(self.nonfinite_steps), batch_size=1)
+        if self.nonfinite_steps == 1 and self.trainer.is_global_zero:
+            print(f"step {step}: non-finite {what} (tasks {tasks}); this optimiser step is skipped, "
+                  f"as every such step will be (counted in train/nonfinite_steps)", flush=True)
+        limit = self.hparams.get("nonfinite_stop", 10)
+        if limit and self.nonfinite_in_a_row >= limit:
+            self.stopped_nonfinite = (f"stopped at step {step}: {self.nonfinite_in_a_row} optimiser steps in a row "
+                                      f"had a non-finite loss or gradient (last batch's tasks: {tasks})")
+            if self.trainer.is_global_zero:
+                print(self.stopped_nonfinite, flush=True)
+            self.trainer.should_stop = True
+
+    def _batch_tasks(self) -> str:
+        """The task names of the last micro-batch, for a report."""
+        if self._tasks_seen is None:
+            return "unknown"
+        ids = [int(i) for i in torch.unique(self._tasks_seen) if 0 <= int(i) < len(self.tasks)]
+        return ", ".join(self.tasks[i] for i in ids) or "none"
 
     def configure_optimizers(self):
         cfg = self.optim_cfg

@@ -90,6 +90,12 @@ class TrainerConfig:
     """Recompute block activations in backward (saves memory, costs ~30% compute)."""
     timeout_s: int = 600
     """Seconds a rank waits in a collective before the job fails (a dead rank never hangs the others)."""
+    nonfinite_stop: int = 10
+    """Stop the run (exit 1) after this many optimiser steps in a row with a non-finite loss or
+    gradient; each such step is skipped and counted. 0: never stop."""
+    compile_check: bool = True
+    """With compile on a CPU: check one compiled step against the eager one when training
+    starts and fall back (math -> sdpa kernel -> eager blocks) if it is broken on this CPU."""
 
 
 @dataclass
@@ -321,10 +327,11 @@ def _lightning():
             m = trainer.callback_metrics
             fmt = lambda k, f: (f.format(float(m[k])) if k in m else "-")  # noqa: E731
             st = batch.stats or {}
+            bad = getattr(pl_module, "nonfinite_steps", 0)
             print(f"step {step:>6} | loss {fmt('train/loss', '{:.4f}')} | lr {fmt('train/lr', '{:.2e}')} | "
                   f"tok/s {fmt('perf/tokens_per_s', '{:,.0f}')} | mfu {fmt('perf/mfu', '{:.3f}')} | "
                   f"pack {batch.efficiency:.2f} | skipped {st.get('skipped', 0)} | "
-                  f"{time.perf_counter() - self.t0:.0f}s", flush=True)
+                  f"{f'non-finite steps {bad} | ' if bad else ''}{time.perf_counter() - self.t0:.0f}s", flush=True)
 
     return L, AtomicCheckpointIO, StreamDataModule, EpochCallback, PrintCallback
 
@@ -401,7 +408,7 @@ def run(cfg: TrainConfig) -> dict:
                             tokenizers=toks.state(), max_steps=cfg.trainer.max_steps,
                             compile=cfg.trainer.compile,
                             activation_checkpointing=cfg.trainer.activation_checkpointing,
-                            config=resolved)
+                            config=resolved, nonfinite_stop=cfg.trainer.nonfinite_stop)
     dm = StreamDataModule(cfg.data, toks, tasks, cfg.trainer.val_batches)
     tc = cfg.trainer
     precision = resolve_precision(tc.precision, tc.accelerator)
@@ -409,6 +416,10 @@ def run(cfg: TrainConfig) -> dict:
                               every_n_train_steps=cfg.ckpt_every, save_last=True, save_top_k=1,
                               monitor="step", mode="max", auto_insert_metric_name=False)
     callbacks = [ckpt_cb, ThroughputCallback(), EpochCallback(), PrintCallback(tc.log_every_n_steps)]
+    if tc.compile and tc.compile_check:
+        from unimodal.compile_check import CompileCheck
+        # first: the compile it triggers is not counted as training time by the others
+        callbacks.insert(0, CompileCheck(cfg.data.batch_size, cfg.data.seq_len))
     max_time = dt.timedelta(minutes=tc.max_minutes) if tc.max_minutes else None
     trainer = L.Trainer(
         accelerator=tc.accelerator, devices=tc.devices, num_nodes=tc.num_nodes,
@@ -438,7 +449,16 @@ def run(cfg: TrainConfig) -> dict:
         checksum = sum(float(p.detach().double().sum()) for p in module.parameters())
         print(f"rank {trainer.global_rank}/{trainer.world_size}: parameter checksum {checksum:.10e} "
               f"at step {trainer.global_step}", flush=True)
-    result = {"run_dir": str(run_dir), "ckpt": str(last), "eval": None}
+    result = {"run_dir": str(run_dir), "ckpt": str(last), "eval": None, "failed": None}
+    failed = module.stopped_nonfinite
+    if failed is None and not all(bool(torch.isfinite(p).all()) for p in module.parameters()):
+        failed = f"the weights are non-finite at step {trainer.global_step}"
+    if failed:  # no evaluation of a broken run; last.ckpt holds the last finite weights
+        result["failed"] = failed
+        if trainer.is_global_zero:
+            print(f"error: the run failed: {failed}; {last} holds the weights of the last finite step",
+                  file=sys.stderr, flush=True)
+        return result
     if cfg.evaluate and trainer.is_global_zero:
         result["eval"] = final_evaluation(cfg, module, toks, run_dir, trainer)
     return result
@@ -488,6 +508,11 @@ def final_evaluation(cfg: TrainConfig, module, toks: Tokenizers, run_dir: Path, 
     results = evaluate(model, cfg.data.shards, split="test", episodes=cfg.eval_episodes,
                        max_samples_per_task=cfg.eval_max_samples, examples=examples)
     results.setdefault("meta", {})["seconds"] = round(time.perf_counter() - t, 1)
+    check = getattr(module, "compile_check", None)
+    if check is not None:  # what the compiled training step ran, as checked on this machine
+        from unimodal.compile_check import cpu_model
+        results["meta"]["training_step"] = {"blocks": check.kernel, "cpu": cpu_model(),
+                                            "worst_gradient_error": check.worst[1]}
     write_json(results, run_dir / "eval.json")
     print(f"evaluation on the test split ({results['meta']['seconds']:.0f} s):", flush=True)
     print(markdown_table(results), flush=True)
