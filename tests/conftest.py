@@ -8,6 +8,7 @@ import os
 import numpy as np
 import pytest
 import soundfile as sf
+import torch
 from PIL import Image
 
 os.environ.setdefault("WANDB_MODE", "disabled")
@@ -28,6 +29,19 @@ GEN_TEXT = ["translate english to french.", "classify this image. answer in engl
             "write what is said, in english.", "act in cartpole-v1."]
 GEN_CODE = ["def f(x):\n", "    return x + 1\n", "for i in range(10):\n", "    print(i)\n"]
 GEN_TASKS = ["image.classify", "text.translate.en-fr", "code.complete", "control.cartpole-v1"]
+
+
+class NanGrad(torch.autograd.Function):
+    """Identity forward, NaN gradient backward: a finite loss over a broken backward, as the
+    compiled step on the AMX machine was (tests import it: ``from conftest import NanGrad``)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        return torch.full_like(g, float("nan"))
 
 
 @pytest.fixture(scope="session")

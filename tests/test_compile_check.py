@@ -13,6 +13,7 @@ import math
 import pytest
 import torch
 
+from conftest import NanGrad
 from unimodal.compile_check import (TOLERANCE, StepCheck, compare_step, ensure_compiled_step, synthetic_batch,
                                     use)
 from unimodal.model import Decoder, ModelConfig
@@ -74,18 +75,8 @@ def test_a_broken_compiled_step_is_caught_not_trained_on():
     path): a NaN injected into one gradient of the compiled step only."""
     model = Decoder(ModelConfig(**{**DEMO, "n_layer": 1, "d_model": 64, "n_head": 2}))
     batch = synthetic_batch(model, 2, 64)
-
-    class Poisoned(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, x):
-            return x.clone()
-
-        @staticmethod
-        def backward(ctx, g):
-            return g * float("nan")
-
     block = model.blocks[0]
-    block._compiled_call_impl = lambda x, *a, **k: Poisoned.apply(block._call_impl(x, *a, **k))
+    block._compiled_call_impl = lambda x, *a, **k: NanGrad.apply(block._call_impl(x, *a, **k))
     check = compare_step(model, batch)
     assert check.eager_ok and not check.ok and math.isfinite(check.compiled_loss)
     assert "blocks.0.attn.qkv.weight" in check.nonfinite and "non-finite gradients" in check.describe()

@@ -7,6 +7,7 @@ import torch
 from unimodal.cli import main
 from unimodal.module import UnimodalModule
 
+from conftest import NanGrad
 from test_train import tiny_args
 
 
@@ -21,22 +22,10 @@ def poison(monkeypatch, bad_loss: set[int] = frozenset(), bad_grad: set[int] = f
         if self.training and self.global_step in bad_loss:
             loss = loss * float("nan")
         if self.training and self.global_step in bad_grad:
-            loss = loss + _NanGrad.apply(self.model.head.weight).sum() * 0.0  # still finite
+            loss = loss + NanGrad.apply(self.model.head.weight).sum() * 0.0  # still finite
         return logits, loss_tok, idx, loss
 
     monkeypatch.setattr(UnimodalModule, "_step", _step)
-
-
-class _NanGrad(torch.autograd.Function):
-    """Identity forward, NaN gradient backward: a finite loss with a broken backward."""
-
-    @staticmethod
-    def forward(ctx, x):
-        return x.clone()
-
-    @staticmethod
-    def backward(ctx, g):
-        return torch.full_like(g, float("nan"))
 
 
 def adam_steps(ckpt) -> int:
