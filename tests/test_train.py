@@ -141,3 +141,16 @@ def test_keep_freed_memory_stops_page_faulting_big_temporaries():
     pages = 5 * 64 * 2**20 // resource.getpagesize()
     assert counts["default"] > pages // 2  # glibc: each 64 MB block faulted in anew
     assert counts["keep"] <= counts["default"] // 4, counts  # kept: the pages are reused (<= 1 block anew)
+
+
+def test_a_run_stopped_by_its_time_limit_says_so_and_eval_json_records_it(shard_dir, tmp_path, capsys):
+    assert main(tiny_args(shard_dir, tmp_path, "--run_name", "t", "--trainer.max_steps", "100000",
+                          "--trainer.max_minutes", "0.0005")) == 0
+    out = capsys.readouterr().out
+    line = next(li for li in out.splitlines() if li.startswith("stopped by the time limit"))
+    step = int(line.split(" at step ")[1].split(" of ")[0])
+    assert line == f"stopped by the time limit (--trainer.max_minutes 0.0005) at step {step} of 100000"
+    import json
+    meta = json.loads((tmp_path / "t" / "eval.json").read_text())["meta"]
+    assert meta["stopped"] == {"reason": "time limit", "max_minutes": 0.0005, "step": step, "max_steps": 100000}
+    assert meta["trained_steps"] == {"step": step, "max_steps": 100000}

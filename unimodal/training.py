@@ -449,7 +449,14 @@ def run(cfg: TrainConfig) -> dict:
         checksum = sum(float(p.detach().double().sum()) for p in module.parameters())
         print(f"rank {trainer.global_rank}/{trainer.world_size}: parameter checksum {checksum:.10e} "
               f"at step {trainer.global_step}", flush=True)
-    result = {"run_dir": str(run_dir), "ckpt": str(last), "eval": None, "failed": None}
+    result = {"run_dir": str(run_dir), "ckpt": str(last), "eval": None, "failed": None, "stopped": None}
+    if (trainer.global_step < tc.max_steps and module.stopped_nonfinite is None
+            and not trainer.interrupted and tc.max_minutes):
+        result["stopped"] = {"reason": "time limit", "max_minutes": tc.max_minutes,
+                             "step": trainer.global_step, "max_steps": tc.max_steps}
+        if trainer.is_global_zero:
+            print(f"stopped by the time limit (--trainer.max_minutes {tc.max_minutes:g}) at step "
+                  f"{trainer.global_step} of {tc.max_steps}", flush=True)
     failed = module.stopped_nonfinite
     if failed is None and not all(bool(torch.isfinite(p).all()) for p in module.parameters()):
         failed = f"the weights are non-finite at step {trainer.global_step}"
@@ -460,7 +467,7 @@ def run(cfg: TrainConfig) -> dict:
                   file=sys.stderr, flush=True)
         return result
     if cfg.evaluate and trainer.is_global_zero:
-        result["eval"] = final_evaluation(cfg, module, toks, run_dir, trainer)
+        result["eval"] = final_evaluation(cfg, module, toks, run_dir, trainer, stopped=result["stopped"])
     return result
 
 
@@ -496,9 +503,11 @@ def to_dict(cfg) -> dict:
     return json.loads(json.dumps(asdict(cfg), default=str))
 
 
-def final_evaluation(cfg: TrainConfig, module, toks: Tokenizers, run_dir: Path, trainer) -> dict:
+def final_evaluation(cfg: TrainConfig, module, toks: Tokenizers, run_dir: Path, trainer,
+                     stopped: dict | None = None) -> dict:
     """Evaluate last.ckpt on the test split: Markdown table on stdout, run_dir/eval.json, and
-    to W&B the metrics plus a table of sample predictions with their real inputs."""
+    to W&B the metrics plus a table of sample predictions with their real inputs. eval.json's
+    ``meta.trained_steps`` says how far the run got, and ``meta.stopped`` why it ended early."""
     from unimodal.evaluate import evaluate, markdown_table, write_json
     from unimodal.generate import Unimodal
 
@@ -508,6 +517,9 @@ def final_evaluation(cfg: TrainConfig, module, toks: Tokenizers, run_dir: Path, 
     results = evaluate(model, cfg.data.shards, split="test", episodes=cfg.eval_episodes,
                        max_samples_per_task=cfg.eval_max_samples, examples=examples)
     results.setdefault("meta", {})["seconds"] = round(time.perf_counter() - t, 1)
+    results["meta"]["trained_steps"] = {"step": trainer.global_step, "max_steps": cfg.trainer.max_steps}
+    if stopped:
+        results["meta"]["stopped"] = stopped
     check = getattr(module, "compile_check", None)
     if check is not None:  # what the compiled training step ran, as checked on this machine
         from unimodal.compile_check import cpu_model
