@@ -15,8 +15,13 @@ Design (after open_clip's webdataset pipeline):
 
 - Disjoint streams: the shard list is split by rank, then by worker (there must be at
   least ranks x workers shards), so no two ranks or workers ever read the same shard.
-- Seeds come from ``(seed, rank, worker, epoch, resume)``: deterministic per seed, and a
-  resumed run (``resume`` = the global step it restarted from) reads a new stream.
+- Seeds come from ``(seed, rank, worker, epoch)``: every epoch's stream is a pure function
+  of them. That is what makes resume exact: a checkpoint records how many batches the rank
+  had taken (``state_dict``), and a resumed run replays the epoch it stopped in from that
+  epoch's seed, computing but not yielding the batches already trained on (at most one
+  epoch of reading), so from the checkpoint's step on it sees the batches an uninterrupted
+  run would have seen, reservoirs, packer and RNG included. Each worker skips its own share:
+  the DataLoader takes batches from its workers in turn.
 - Every worker yields exactly ``batches_per_epoch / num_workers`` batches per epoch on
   every rank (the stream is resampled, so it never runs dry): DDP never hangs at the end
   of an epoch waiting for a rank with fewer batches.
@@ -88,8 +93,9 @@ class DataConfig:
     """DataLoader worker processes per rank (0 = in the main process)."""
     weights: dict[str, float] = field(default_factory=lambda: dict(DEMO_WEIGHTS))
     """Share of the samples per task name (missing = 1.0, 0 disables the task)."""
-    seed: int = 0
-    """Base seed of the stream; ranks, workers and epochs derive theirs from it."""
+    seed: int | None = None
+    """Base seed of the stream (ranks, workers and epochs derive theirs from it); None: the
+    run's --seed, so one seed sets both the model init and the data order."""
     shuffle_buffer: int = 500
     """Raw samples each worker keeps per task (the reservoir the mixture draws from)."""
     read_ratio: float = 1.0
@@ -217,7 +223,7 @@ class StreamDataset(IterableDataset):
                             f"workers without two of them reading the same shard; write more, smaller "
                             f"shards or use fewer workers")
         self.epoch = torch.multiprocessing.Value("i", 0)  # shared with workers, as open_clip does
-        self.resume = 0
+        self.resume_batches = 0  # batches this rank had taken when the run was checkpointed
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch.value = epoch
@@ -232,12 +238,27 @@ class StreamDataset(IterableDataset):
         nw = max(1, self.cfg.num_workers)
         return self.batches_per_worker(nw) * nw
 
+    def layout(self) -> dict:
+        """What fixes the stream: a resume with the same layout continues it exactly."""
+        c = self.cfg
+        return {"seed": c.seed or 0, "world_size": self.world_size, "num_workers": max(1, c.num_workers),
+                "batches_per_epoch": len(self), "batch_size": c.batch_size, "seq_len": c.seq_len,
+                "shards": len(self.urls), "first_shard": os.path.basename(self.urls[0]) if self.urls else None}
+
+    def skip_for(self, worker: int, num_workers: int) -> int:
+        """Batches ``worker`` computes but does not yield in this epoch: its share of the
+        ``resume_batches`` already trained on, when this is the epoch the run stopped in."""
+        done = self.resume_batches - self.epoch.value * len(self)
+        if not 0 < done < len(self):
+            return 0
+        return len(range(worker, done, num_workers))  # the DataLoader takes worker 0, 1, ..., 0, 1, ...
+
     def __iter__(self) -> Iterator[Batch]:
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
-        seed = [self.cfg.seed, self.rank, worker, self.epoch.value, self.resume]
+        seed = [self.cfg.seed or 0, self.rank, worker, self.epoch.value]
         yield from self.stream(worker, num_workers, np.random.default_rng(seed),
-                               self.batches_per_worker(num_workers))
+                               self.batches_per_worker(num_workers), skip=self.skip_for(worker, num_workers))
 
     def samples(self, urls: list[str], rng: np.random.Generator, stats: Counter) -> Iterator[dict]:
         """Raw samples from ``urls`` in a seeded endless order, failures counted per shard."""
@@ -260,7 +281,7 @@ class StreamDataset(IterableDataset):
                                 f"sample (first: {urls[0]})")
 
     def stream(self, worker: int, num_workers: int, rng: np.random.Generator,
-               n_batches: int) -> Iterator[Batch]:
+               n_batches: int, skip: int = 0) -> Iterator[Batch]:
         stats: Counter = Counter()
         packer = Packer(self.cfg.seq_len, self.cfg.batch_size)
         cap = max(1, self.cfg.shuffle_buffer)
@@ -313,7 +334,8 @@ class StreamDataset(IterableDataset):
             stats["used"] += 1
             for batch in packer.add(spans, i):
                 batch.stats = dict(stats, packing_efficiency=packer.efficiency, worker=worker)
-                yield batch
+                if emitted >= skip:  # the first ``skip`` were trained on before a resume
+                    yield batch
                 emitted += 1
                 if emitted >= n_batches:
                     return

@@ -41,12 +41,27 @@ def test_stream_is_deterministic_per_seed_and_differs_across_seeds(shard_dir, to
     assert all(x.num_tokens > 0 and (x.targets != -100).any() for x in a)
 
 
-def test_resume_moves_the_stream_on(shard_dir, toks):
+def test_a_resumed_stream_continues_the_epoch_where_it_stopped(shard_dir, toks):
+    """resume_batches = batches already trained on: the epoch is replayed from its seed and
+    only the rest is yielded, equal to the uninterrupted stream's rest (one worker here; the
+    two-worker case runs end to end in test_resume)."""
+    whole = take(StreamDataset(cfg(shard_dir), toks, TASKS, 0, 1))
     ds = StreamDataset(cfg(shard_dir), toks, TASKS, 0, 1)
-    first = take(ds, 2)
-    ds.resume = 250  # the global step a resumed run restarts from
-    again = take(ds, 2)
-    assert not all(torch.equal(x.ids, y.ids) for x, y in zip(first, again))
+    ds.resume_batches = 4
+    rest = take(ds)
+    assert len(whole) == 6 and len(rest) == 2
+    assert all(torch.equal(x.ids, y.ids) and torch.equal(x.targets, y.targets) for x, y in zip(whole[4:], rest))
+    ds.set_epoch(1)  # the next epoch is whole again, with its own seed
+    nxt = take(ds)
+    assert len(nxt) == 6 and not torch.equal(nxt[0].ids, whole[0].ids)
+
+
+def test_each_worker_skips_its_own_share_of_the_batches_taken(shard_dir, toks):
+    ds = StreamDataset(cfg(shard_dir, num_workers=2, batches_per_epoch=6), toks, TASKS, 0, 1)
+    ds.resume_batches = 3  # the DataLoader took worker 0, 1, 0
+    assert [ds.skip_for(0, 2), ds.skip_for(1, 2)] == [2, 1]
+    ds.set_epoch(1)
+    assert [ds.skip_for(0, 2), ds.skip_for(1, 2)] == [0, 0]
 
 
 def test_two_ranks_two_workers_read_disjoint_shards_and_yield_equal_batch_counts(shard_dir, toks):

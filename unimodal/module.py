@@ -296,6 +296,40 @@ class UnimodalModule(L.LightningModule):
         ids = [int(i) for i in torch.unique(self._tasks_seen) if 0 <= int(i) < len(self.tasks)]
         return ", ".join(self.tasks[i] for i in ids) or "none"
 
+    def on_train_start(self) -> None:
+        self.apply_plan()
+
+    def apply_plan(self) -> None:
+        """The schedule and AdamW settings of the current config, at the restored step.
+
+        Restoring a checkpoint brings back LambdaLR's ``base_lrs`` and its schedule object's
+        fields, and AdamW's per-group settings: without this, a resume with a new
+        ``--trainer.max_steps``, warmup, lr or min-lr would keep the old plan (extending a
+        run trained at the floor). Here the learning rate is recomputed from the current
+        config at the restored step, and what changed is said in one line."""
+        sched, opt, cfg = self.lr_schedulers(), self.optimizers(use_pl_optimizer=False), self.optim_cfg
+        if sched is None or isinstance(sched, list) or not isinstance(sched, torch.optim.lr_scheduler.LambdaLR):
+            return
+        plan = {"max_steps": self.hparams.max_steps, "warmup_steps": cfg.warmup_steps, "lr": cfg.lr,
+                "min_lr_ratio": cfg.min_lr_ratio, "weight_decay": cfg.weight_decay, "betas": (cfg.beta1, cfg.beta2)}
+        fn, group0 = sched.lr_lambdas[0], opt.param_groups[0]
+        before = {"max_steps": fn.total, "warmup_steps": fn.warmup, "lr": sched.base_lrs[0],
+                  "min_lr_ratio": fn.min_ratio, "weight_decay": group0["weight_decay"],
+                  "betas": tuple(group0["betas"])}
+        for f in sched.lr_lambdas:
+            f.warmup, f.total, f.min_ratio = cfg.warmup_steps, self.hparams.max_steps, cfg.min_lr_ratio
+        sched.base_lrs = [cfg.lr for _ in sched.base_lrs]
+        step = sched.last_epoch
+        for i, (group, f) in enumerate(zip(opt.param_groups, sched.lr_lambdas)):
+            group["initial_lr"], group["lr"] = cfg.lr, cfg.lr * f(step)
+            group["betas"] = (cfg.beta1, cfg.beta2)
+            group["weight_decay"] = cfg.weight_decay if i == 0 else 0.0  # param_groups: decay first
+        sched._last_lr = [g["lr"] for g in opt.param_groups]
+        changed = [f"{k} {before[k]} -> {v}" for k, v in plan.items() if before[k] != v]
+        if changed and self.global_step > 0 and self.trainer.is_global_zero:
+            print(f"resume: the plan changed ({', '.join(changed)}); from step {step} the learning rate "
+                  f"follows the new schedule: {opt.param_groups[0]['lr']:.3e} now", flush=True)
+
     def configure_optimizers(self):
         cfg = self.optim_cfg
         fused = self.device.type == "cuda"

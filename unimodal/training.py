@@ -6,6 +6,7 @@ nodes, precision and strategy come from the config; the model never knows.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime as dt
 import json
 import os
@@ -63,7 +64,8 @@ class TrainerConfig:
     max_steps: int = 1450
     """Optimiser steps to train for."""
     max_minutes: float | None = 12.5
-    """Stop after this many minutes of training, whatever the step (None: no limit)."""
+    """Stop after this many minutes of training in this launch, whatever the step (None: no
+    limit; a resumed run gets the whole budget again). The GPU presets set None."""
     accelerator: str = "auto"
     """cpu, gpu/cuda, or auto."""
     devices: int | str = "auto"
@@ -252,6 +254,7 @@ def resolve_ckpt(cfg: TrainConfig, run_dir: Path) -> str | None:
 
 def _lightning():
     import lightning as L
+    from lightning.pytorch.callbacks import Timer
     from lightning.pytorch.plugins.io import TorchCheckpointIO
 
     class AtomicCheckpointIO(TorchCheckpointIO):
@@ -272,18 +275,44 @@ def _lightning():
             return torch.load(path, map_location=map_location or "cpu", weights_only=True)
 
     class StreamDataModule(L.LightningDataModule):
-        """Train stream (resumable: its seeds move on with the restored step), val stream."""
+        """Train stream and val stream. The train stream resumes exactly: the checkpoint holds
+        its layout and the batches this rank had taken (``state_dict``); a resumed run with the
+        same layout replays the interrupted epoch up to there (loader.py's docstring), one
+        with another layout (world size, workers, batch, shards) says so in one line and
+        reads a re-split stream from the same position."""
 
         def __init__(self, cfg: DataConfig, toks: Tokenizers, tasks: list[str], val_batches: int):
             super().__init__()
             self.cfg, self.toks, self.tasks, self.val_batches = cfg, toks, tasks, val_batches
             self.train_ds: StreamDataset | None = None
             self.counters: dict = {}
+            self.restored: dict | None = None
+
+        def batches_taken(self) -> int:
+            t = self.trainer
+            return t.global_step * t.accumulate_grad_batches if t is not None else 0
+
+        def state_dict(self) -> dict:
+            if self.train_ds is None:
+                return {}
+            return {"layout": self.train_ds.layout(), "batches": self.batches_taken()}
+
+        def load_state_dict(self, state: dict) -> None:
+            self.restored = state or None
 
         def train_dataloader(self):
             loader = make_loader(self.cfg, self.toks, self.tasks)
             ds = self.train_ds = loader.dataset
-            ds.resume = self.trainer.global_step if self.trainer else 0  # a resumed run reads a new stream
+            ds.resume_batches = self.batches_taken()
+            if ds.resume_batches and self.trainer.is_global_zero:
+                old = (self.restored or {}).get("layout")
+                if old is None:
+                    print("resume: the checkpoint holds no data-stream state (written before exact resume); "
+                          "the stream continues from the same position but not with the same batches", flush=True)
+                elif old != ds.layout():
+                    changed = ", ".join(f"{k} {old.get(k)} -> {v}" for k, v in ds.layout().items() if old.get(k) != v)
+                    print(f"resume: the data stream is re-split ({changed}): from step {self.trainer.global_step} "
+                          f"on, this run reads other batches than an uninterrupted one would", flush=True)
             mine = ds.urls[ds.rank::ds.world_size]
             if ds.world_size > 1 or os.environ.get("UNIMODAL_VERBOSE"):
                 print(f"rank {ds.rank}/{ds.world_size}: reads {len(mine)} of {len(ds.urls)} shards: "
@@ -301,6 +330,14 @@ def _lightning():
                 return []
             return DataLoader(ds, batch_size=None, num_workers=0)
 
+    class LaunchTimer(Timer):
+        """Lightning's Timer, for the time this launch has trained: Lightning's own restores the
+        elapsed time from the checkpoint, so a requeued job with a time limit stopped again at
+        once, and looped."""
+
+        def load_state_dict(self, state_dict) -> None:
+            pass
+
     class EpochCallback(L.Callback):
         """Tells the stream the epoch (a shared value the workers read, as open_clip does)."""
 
@@ -310,17 +347,27 @@ def _lightning():
                 dm.train_ds.set_epoch(trainer.current_epoch)
 
     class PrintCallback(L.Callback):
-        """One plain line per log interval: step, loss, lr, tokens/s, MFU, data counters."""
+        """One plain line per log interval: step, loss, lr, tokens/s, MFU, data counters; and
+        every optimiser step's loss, exactly (``repr``), to ``loss_file`` (rank 0's batches).
+        A resumed run appends: the last line of a step is the one its checkpoint followed."""
 
-        def __init__(self, every: int):
+        def __init__(self, every: int, loss_file: Path | None = None):
             self.every = every
             self.t0 = None
+            self.loss_file = loss_file
+            self._sum, self._n = 0.0, 0
 
         def on_train_start(self, trainer, pl_module):
             self.t0 = time.perf_counter()
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             step = trainer.global_step
+            if self.loss_file is not None and trainer.is_global_zero and isinstance(outputs, dict):
+                self._sum, self._n = self._sum + float(outputs["loss"]), self._n + 1
+                if (batch_idx + 1) % trainer.accumulate_grad_batches == 0:
+                    with open(self.loss_file, "a") as f:
+                        f.write(f"{step}\t{self._sum / self._n!r}\n")
+                    self._sum, self._n = 0.0, 0
             if not trainer.is_global_zero or step % self.every or step == getattr(self, "_last", -1):
                 return
             self._last = step
@@ -333,7 +380,7 @@ def _lightning():
                   f"pack {batch.efficiency:.2f} | skipped {st.get('skipped', 0)} | "
                   f"{f'non-finite steps {bad} | ' if bad else ''}{time.perf_counter() - self.t0:.0f}s", flush=True)
 
-    return L, AtomicCheckpointIO, StreamDataModule, EpochCallback, PrintCallback
+    return L, AtomicCheckpointIO, StreamDataModule, EpochCallback, PrintCallback, LaunchTimer
 
 
 def make_logger(cfg: TrainConfig, run_dir: Path, resolved: dict):
@@ -371,7 +418,7 @@ def make_strategy(cfg: TrainerConfig):
 
 def run(cfg: TrainConfig) -> dict:
     """Train (and evaluate) one run; returns {'run_dir', 'ckpt', 'eval'}."""
-    L, AtomicCheckpointIO, StreamDataModule, EpochCallback, PrintCallback = _lightning()
+    L, AtomicCheckpointIO, StreamDataModule, EpochCallback, PrintCallback, LaunchTimer = _lightning()
     quiet_known_warnings()
     from lightning.pytorch.callbacks import ModelCheckpoint
 
@@ -395,6 +442,8 @@ def run(cfg: TrainConfig) -> dict:
     toks = load_tokenizers(cfg.data.shards, manifest)
     tasks = choose_tasks(cfg, manifest)
     mcfg = model_config(cfg, toks)
+    if cfg.data.seed is None:  # --seed sets the data order too
+        cfg.data = dataclasses.replace(cfg.data, seed=cfg.seed)
     resolved = to_dict(cfg)
     resolved["model"] = asdict(mcfg)
     resolved["tasks"] = tasks
@@ -415,12 +464,15 @@ def run(cfg: TrainConfig) -> dict:
     ckpt_cb = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="step-{step:06d}",
                               every_n_train_steps=cfg.ckpt_every, save_last=True, save_top_k=1,
                               monitor="step", mode="max", auto_insert_metric_name=False)
-    callbacks = [ckpt_cb, ThroughputCallback(), EpochCallback(), PrintCallback(tc.log_every_n_steps)]
+    callbacks = [ckpt_cb, ThroughputCallback(), EpochCallback(),
+                 PrintCallback(tc.log_every_n_steps, run_dir / "train_loss.tsv")]
     if tc.compile and tc.compile_check:
         from unimodal.compile_check import CompileCheck
         # first: the compile it triggers is not counted as training time by the others
         callbacks.insert(0, CompileCheck(cfg.data.batch_size, cfg.data.seq_len))
-    max_time = dt.timedelta(minutes=tc.max_minutes) if tc.max_minutes else None
+    if tc.max_minutes:  # per launch: a resumed run gets the whole budget again
+        callbacks.append(LaunchTimer(duration=dt.timedelta(minutes=tc.max_minutes), interval="step", verbose=False))
+    max_time = None
     trainer = L.Trainer(
         accelerator=tc.accelerator, devices=tc.devices, num_nodes=tc.num_nodes,
         strategy=make_strategy(tc), precision=precision, max_steps=tc.max_steps, max_time=max_time,
