@@ -19,14 +19,24 @@ manifest of a build records them again):
 | MountainCar-v0 | push in the direction of the velocity | -120 | -200 |
 | Acrobot-v1 | torque along the second joint's velocity | -76 | -500 |
 | Pendulum-v1 | energy-shaping swing-up, PD when cos(theta) > 0.9 | -122 (-138 on seeds 0..19) | -1148 |
+| MountainCarContinuous-v0 | full force in the direction of the velocity | 89 | about -33 |
+
+The demo records the first four (``ENVS``); MountainCarContinuous-v0 has an expert for
+recipes and tests of a continuous space other than Pendulum's. Observation size, action
+space and step limit always come from the environment itself (``env_info``), and a build's
+manifest records them per environment (``env_stats``), so no consumer decides an action
+space from a task's name.
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
+
+from unimodal.tokenizers.action import ActionSpace
 
 DATA_SEED_START = 0
 EVAL_SEED_START = 10_000
@@ -36,35 +46,138 @@ Policy = Callable[[np.ndarray], "int | np.ndarray"]
 
 @dataclass(frozen=True)
 class EnvInfo:
-    """What a consumer needs to know about one environment without making it."""
+    """One environment's observation size, action space and step limit."""
 
     env_id: str
     task: str  # the task name of its episodes, e.g. "control.cartpole-v1"
     obs_dim: int
-    discrete: bool
-    num_actions: int = 0  # discrete only
-    act_dim: int = 0  # continuous only
-    act_low: float = 0.0
-    act_high: float = 0.0
+    space: ActionSpace
     max_steps: int = 0
+
+    @property
+    def discrete(self) -> bool:
+        return self.space.discrete
 
     @property
     def action(self) -> str:
         return "discrete" if self.discrete else "continuous"
 
+    @property
+    def num_actions(self) -> int:
+        """Discrete actions (0 for a continuous space)."""
+        return self.space.n if self.discrete else 0
 
+    @property
+    def act_dim(self) -> int:
+        """Numbers per continuous action (0 for a discrete space)."""
+        return 0 if self.discrete else self.space.dim
+
+    @property
+    def act_low(self) -> float:
+        """The lowest bound of any number of a continuous action (0.0 for a discrete space)."""
+        return min(self.space.low) if not self.discrete else 0.0
+
+    @property
+    def act_high(self) -> float:
+        return max(self.space.high) if not self.discrete else 0.0
+
+
+def task_of_env(env_id: str) -> str:
+    """The task name of an environment's episodes: ``control.<env id in lower case>``."""
+    return f"control.{env_id.lower()}"
+
+
+# the demo's environments, as gymnasium declares them (tests check them against the envs)
 ENVS: list[EnvInfo] = [
-    EnvInfo("CartPole-v1", "control.cartpole-v1", obs_dim=4, discrete=True, num_actions=2,
-            max_steps=500),
-    EnvInfo("MountainCar-v0", "control.mountaincar-v0", obs_dim=2, discrete=True, num_actions=3,
-            max_steps=200),
-    EnvInfo("Acrobot-v1", "control.acrobot-v1", obs_dim=6, discrete=True, num_actions=3,
-            max_steps=500),
-    EnvInfo("Pendulum-v1", "control.pendulum-v1", obs_dim=3, discrete=False, act_dim=1,
-            act_low=-2.0, act_high=2.0, max_steps=200),
+    EnvInfo("CartPole-v1", "control.cartpole-v1", 4, ActionSpace(True, n=2), max_steps=500),
+    EnvInfo("MountainCar-v0", "control.mountaincar-v0", 2, ActionSpace(True, n=3), max_steps=200),
+    EnvInfo("Acrobot-v1", "control.acrobot-v1", 6, ActionSpace(True, n=3), max_steps=500),
+    EnvInfo("Pendulum-v1", "control.pendulum-v1", 3, ActionSpace.continuous([-2.0], [2.0]), max_steps=200),
 ]
 ENV_INFO: dict[str, EnvInfo] = {e.env_id: e for e in ENVS}
 TASK_ENV: dict[str, str] = {e.task: e.env_id for e in ENVS}
+
+
+def action_space_of(space) -> ActionSpace:
+    """A gymnasium action space (Discrete, or Box) -> ActionSpace; ValueError otherwise."""
+    from gymnasium import spaces
+
+    if isinstance(space, spaces.Discrete):
+        if int(space.start) != 0:
+            raise ValueError(f"a Discrete action space starting at {space.start} is not supported")
+        return ActionSpace(True, n=int(space.n))
+    if isinstance(space, spaces.Box):
+        return ActionSpace.continuous(space.low, space.high, space.shape)
+    raise ValueError(f"{type(space).__name__} action spaces are not supported (Discrete and Box are)")
+
+
+@functools.lru_cache(maxsize=None)
+def env_info(env_id: str) -> EnvInfo:
+    """Observation size, action space and step limit of ``env_id``, read from the environment
+    (made once per process). Raises ValueError for an env gymnasium cannot make or whose
+    spaces are not supported."""
+    try:
+        env = make_env(env_id)
+    except Exception as e:  # gymnasium's errors for an unknown id or a missing dependency
+        raise ValueError(f"gymnasium cannot make {env_id}: {e}") from None
+    try:
+        obs_dim = int(np.prod(env.observation_space.shape or (1,)))
+        steps = getattr(env.spec, "max_episode_steps", None) or 0
+        return EnvInfo(env_id, task_of_env(env_id), obs_dim, action_space_of(env.action_space), int(steps))
+    finally:
+        env.close()
+
+
+def env_for_task(task: str, manifest: dict | None = None) -> str | None:
+    """The environment of a control task: the manifest's (its ``control`` entries name their
+    task), the demo's, or the gymnasium id that lower-cases to the task's suffix; None if none."""
+    for env_id, entry in ((manifest or {}).get("control") or {}).items():
+        if isinstance(entry, dict) and entry.get("task") == task:
+            return env_id
+    if task in TASK_ENV:
+        return TASK_ENV[task]
+    return _registered_env(task)
+
+
+@functools.lru_cache(maxsize=None)
+def _registered_env(task: str) -> str | None:
+    if not task.startswith("control."):
+        return None
+    try:
+        import gymnasium
+    except ImportError:
+        return None
+    suffix = task[len("control."):]
+    return next((k for k in gymnasium.registry if k.lower() == suffix), None)
+
+
+def space_in_manifest(entry: dict | None) -> ActionSpace | None:
+    """The action space a manifest's ``control`` entry records (None in older manifests)."""
+    if not isinstance(entry, dict) or entry.get("action_space") is None:
+        return None
+    return ActionSpace.from_json(entry["action_space"])
+
+
+def manifest_action_spaces(manifest: dict | None) -> dict[str, ActionSpace]:
+    """Control task -> ActionSpace of every environment in a manifest's ``control`` section:
+    the space it records, else (older manifests) the environment's own where gymnasium can
+    make it. ValueError (one sentence) for a recorded space that is not one."""
+    out: dict[str, ActionSpace] = {}
+    for env_id, entry in ((manifest or {}).get("control") or {}).items():
+        if not isinstance(entry, dict):
+            continue
+        try:
+            space = space_in_manifest(entry)
+        except ValueError as e:
+            raise ValueError(f"manifest.json's control.{env_id}.action_space is not an action "
+                             f"space: {e}") from None
+        if space is None:
+            try:
+                space = env_info(env_id).space
+            except ValueError:
+                continue  # the task falls back to its episodes' own actions
+        out[entry.get("task") or task_of_env(env_id)] = space
+    return out
 
 
 def cartpole_expert(obs: np.ndarray) -> int:
@@ -98,21 +211,30 @@ def pendulum_expert(obs: np.ndarray) -> np.ndarray:
     return np.array([min(2.0, max(-2.0, u))], dtype=np.float32)
 
 
+def mountaincarcontinuous_expert(obs: np.ndarray) -> np.ndarray:
+    """Full force in the direction of the velocity (MountainCar-v0's expert, continuous)."""
+    return np.array([1.0 if float(obs[1]) >= 0 else -1.0], dtype=np.float32)
+
+
 EXPERTS: dict[str, Policy] = {
     "CartPole-v1": cartpole_expert,
     "MountainCar-v0": mountaincar_expert,
     "Acrobot-v1": acrobot_expert,
     "Pendulum-v1": pendulum_expert,
+    "MountainCarContinuous-v0": mountaincarcontinuous_expert,
 }
 
 
 def random_policy(env_id: str, seed: int = 0) -> Policy:
-    """A uniform random policy for ``env_id`` (seeded, independent of the env's seed)."""
-    info = ENV_INFO[env_id]
+    """A uniform random policy for ``env_id`` (seeded, independent of the env's seed); an
+    unbounded number of a continuous action is drawn from [-1, 1]."""
+    space = env_info(env_id).space
     rng = np.random.default_rng(seed)
-    if info.discrete:
-        return lambda obs: int(rng.integers(info.num_actions))
-    return lambda obs: rng.uniform(info.act_low, info.act_high, size=info.act_dim).astype(np.float32)
+    if space.discrete:
+        return lambda obs: int(rng.integers(space.n))
+    lo = np.where(np.isfinite(space.low), space.low, -1.0)
+    hi = np.where(np.isfinite(space.high), space.high, 1.0)
+    return lambda obs: rng.uniform(lo, hi).reshape(space.shape).astype(np.float32)
 
 
 def noisy_policy(env_id: str, policy: Policy, epsilon: float, seed: int = 0) -> Policy:
@@ -130,11 +252,12 @@ def make_env(env_id: str):
     return gym.make(env_id)
 
 
-def _legal(info: EnvInfo, a):
-    """An action as the env takes it: int, or float32 [act_dim] clipped to the bounds."""
-    if info.discrete:
-        return int(a)
-    return np.clip(np.asarray(a, dtype=np.float32).reshape(info.act_dim), info.act_low, info.act_high)
+def legal_action(space: ActionSpace, a):
+    """An action as the env takes it: int, or float32 of the space's shape clipped to its bounds."""
+    if space.discrete:
+        return int(np.asarray(a).reshape(-1)[0])
+    x = np.clip(np.asarray(a, dtype=np.float32).reshape(-1), space.low, space.high)
+    return x.astype(np.float32).reshape(space.shape)
 
 
 def rollout(env_id: str, policy: Policy, seed: int, env=None, label: Policy | None = None
@@ -151,7 +274,7 @@ def rollout(env_id: str, policy: Policy, seed: int, env=None, label: Policy | No
             actions, or ``label``'s.
         ret: the undiscounted return of the executed actions.
     """
-    info = ENV_INFO[env_id]
+    space = env_info(env_id).space
     own = env is None
     env = make_env(env_id) if own else env
     try:
@@ -159,8 +282,8 @@ def rollout(env_id: str, policy: Policy, seed: int, env=None, label: Policy | No
         obs, acts, ret = [], [], 0.0
         while True:
             obs.append(np.asarray(o, dtype=np.float32))
-            a = _legal(info, policy(o))
-            acts.append(a if label is None else _legal(info, label(o)))
+            a = legal_action(space, policy(o))
+            acts.append(a if label is None else legal_action(space, label(o)))
             o, r, term, trunc, _ = env.step(a)
             ret += float(r)
             if term or trunc:
@@ -169,8 +292,8 @@ def rollout(env_id: str, policy: Policy, seed: int, env=None, label: Policy | No
         if own:
             env.close()
     obs_arr = np.stack(obs).astype(np.float32)
-    act_arr = (np.asarray(acts, dtype=np.int64) if info.discrete
-               else np.stack(acts).astype(np.float32))
+    act_arr = (np.asarray(acts, dtype=np.int64) if space.discrete
+               else np.stack(acts).astype(np.float32).reshape(len(acts), space.dim))
     return obs_arr, act_arr, ret
 
 
@@ -196,12 +319,13 @@ def mean_return(env_id: str, policy: str = "expert", episodes: int = 20,
     return float(np.mean(_returns(env_id, policy, episodes, seed_start)[0]))
 
 
-def env_stats(env_id: str, episodes: int = 20) -> dict:
-    """The manifest's per-env entry: expert and random mean returns over ``episodes``
-    evaluation seeds, shapes, and the rough observation scale (``obs_low``/``obs_high``:
-    the range seen in those roll-outs; ``space_low``/``space_high``: the declared bounds,
-    None where unbounded)."""
-    info = ENV_INFO[env_id]
+def env_stats(env_id: str, episodes: int = 20, task: str | None = None) -> dict:
+    """The manifest's per-env entry: the task of its episodes (default ``task_of_env``), the
+    environment's own observation size and ``action_space`` (``ActionSpace.to_json``), expert
+    (where ``EXPERTS`` has one) and random mean returns over ``episodes`` evaluation seeds,
+    and the rough observation scale (``obs_low``/``obs_high``: the range seen in those
+    roll-outs; ``space_low``/``space_high``: the declared bounds, None where unbounded)."""
+    info = env_info(env_id)
     env = make_env(env_id)
     try:
         space = env.observation_space
@@ -209,22 +333,25 @@ def env_stats(env_id: str, episodes: int = 20) -> dict:
         s_high = [float(v) if np.isfinite(v) and abs(v) < 1e30 else None for v in space.high]
     finally:
         env.close()
-    e_rets, e_lo, e_hi = _returns(env_id, "expert", episodes, EVAL_SEED_START)
-    r_rets, r_lo, r_hi = _returns(env_id, "random", episodes, EVAL_SEED_START)
-    out = {
-        "task": info.task,
-        "expert_return": round(float(np.mean(e_rets)), 3),
+    r_rets, lo, hi = _returns(env_id, "random", episodes, EVAL_SEED_START)
+    out = {"task": task or info.task}
+    if env_id in EXPERTS:
+        e_rets, e_lo, e_hi = _returns(env_id, "expert", episodes, EVAL_SEED_START)
+        lo, hi = np.minimum(e_lo, lo), np.maximum(e_hi, hi)
+        out["expert_return"] = round(float(np.mean(e_rets)), 3)
+    out.update({
         "random_return": round(float(np.mean(r_rets)), 3),
         "episodes": episodes,
         "eval_seed_start": EVAL_SEED_START,
         "obs_dim": info.obs_dim,
+        "action_space": info.space.to_json(),
         "action": info.action,
-        "obs_low": [round(float(v), 4) for v in np.minimum(e_lo, r_lo)],
-        "obs_high": [round(float(v), 4) for v in np.maximum(e_hi, r_hi)],
+        "obs_low": [round(float(v), 4) for v in lo],
+        "obs_high": [round(float(v), 4) for v in hi],
         "space_low": [None if v is None else round(v, 4) for v in s_low],
         "space_high": [None if v is None else round(v, 4) for v in s_high],
         "max_steps": info.max_steps,
-    }
+    })
     if info.discrete:
         out["num_actions"] = info.num_actions
     else:

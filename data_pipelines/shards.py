@@ -27,7 +27,13 @@ A recipe is one module in ``data_pipelines/recipes/`` (found by ``recipes()``) w
   tokenizers; without them the text/code fields of the written samples are used), ``instructions()``
   (more text-corpus lines), ``manifest_extra() -> dict`` (called after ``samples`` ran),
   ``SOURCES`` (pip distributions read), ``DEBIAN`` (Debian packages read),
-  ``expected_count(limit)`` (for the progress bar).
+  ``expected_count(limit)`` (for the progress bar), ``TOKENIZER_SETTINGS`` (settings of the
+  image/audio/value/action tokenizers its data is meant for, e.g. ``{"audio":
+  {"max_seconds": 15.0}}``; the manifest records them in full as ``tokenizer_settings``).
+
+Control episodes name their environment in ``json["env"]``; the manifest's ``control``
+section records, per environment, its observation size and action space as the
+environment declares them (``control.env_stats``).
 """
 from __future__ import annotations
 
@@ -177,17 +183,26 @@ def debian_version(package: str) -> str | None:
     return r.stdout.split("\t", 1)[1].strip()
 
 
-def _tokenizer_specs() -> dict[str, dict]:
-    """Spec + hash of the default image/audio/value/action tokenizers, where importable."""
+def recipe_tokenizer_settings(mod: ModuleType) -> dict[str, dict]:
+    """The full tokenizer settings of a recipe's data: its ``TOKENIZER_SETTINGS`` over the
+    defaults; DataBuildError (one sentence) for a setting the tokenizers refuse."""
+    from unimodal.tokenizers.vocab import merge_settings
+
+    try:
+        return merge_settings(getattr(mod, "TOKENIZER_SETTINGS", None),
+                              names=(f"recipe {getattr(mod, 'NAME', mod.__name__)}'s TOKENIZER_SETTINGS",))
+    except ValueError as e:
+        raise DataBuildError(str(e)) from None
+
+
+def _tokenizer_specs(settings: dict[str, dict]) -> dict[str, dict]:
+    """Spec + hash of the image/audio/value/action tokenizers at the build's settings."""
+    from unimodal.tokenizers.vocab import setting_classes
+
     out: dict[str, dict] = {}
-    for name, module, cls in (("image", "image", "ImageTokenizer"), ("audio", "audio", "AudioTokenizer"),
-                              ("value", "action", "ValueTokenizer"),
-                              ("action", "action", "DiscreteActionTokenizer")):
-        try:
-            tok = getattr(importlib.import_module(f"unimodal.tokenizers.{module}"), cls)()
-            out[name] = {"hash": tok.hash, "spec": tok.spec()}
-        except Exception:  # not written yet, or broken: the manifest just lacks it
-            continue
+    for name, cls in setting_classes().items():
+        tok = cls(**settings[name])
+        out[name] = {"hash": tok.hash, "spec": tok.spec()}
     return out
 
 
@@ -317,6 +332,7 @@ def build(recipe: str, out: str | Path, limit: int | None = None, progress: bool
     ok, reason = mod.available()
     if not ok:
         raise DataBuildError(f"recipe {recipe!r} is not available here: {reason}")
+    recipe_tokenizer_settings(mod)  # a bad setting fails before anything is written
 
     anc = out.parent
     while not anc.exists() and anc != anc.parent:
@@ -366,6 +382,8 @@ def _build_into(mod: ModuleType, recipe: str, tmp: Path, limit: int | None, prog
     counts: dict[str, Counter] = defaultdict(Counter)
     keys_seen: set[str] = set()
     task_splits: dict[str, set] = defaultdict(set)
+    task_envs: dict[str, set] = defaultdict(set)  # control task -> the envs its episodes name
+    settings = recipe_tokenizer_settings(mod)
     own_text = not hasattr(mod, "text_corpus")
     own_code = not hasattr(mod, "code_corpus")
     text_lines: list[str] = []
@@ -393,6 +411,8 @@ def _build_into(mod: ModuleType, recipe: str, tmp: Path, limit: int | None, prog
             writers.write(split, encoded)
             counts[split][task] += 1
             task_splits[task].add(split)
+            if task.startswith("control.") and isinstance(meta.get("env"), str):
+                task_envs[task].add(meta["env"])
             if own_text and not task.startswith("code."):
                 text_lines += [meta[f] for f in ("label", "transcript", "src", "tgt")
                                if isinstance(meta.get(f), str)]
@@ -421,18 +441,26 @@ def _build_into(mod: ModuleType, recipe: str, tmp: Path, limit: int | None, prog
     tokenizers["code"] = _train_tokenizer(code_lines or text_lines, "code", CODE_VOCAB,
                                           tmp / "code.model")
     tokenizers["code"]["corpus"] = "code" if code_lines else "text (the recipe has no code)"
-    tokenizers.update(_tokenizer_specs())
+    tokenizers.update(_tokenizer_specs(settings))
 
-    # control statistics for every control task present
+    # control: every control task's environment (named by its episodes, else found from the
+    # task's name), with its spaces as the environment declares them and baseline returns
     control = {}
     tasks = sorted(task_splits)
     ctl_tasks = [t for t in tasks if t.startswith("control.")]
     if ctl_tasks:
         from unimodal.data_pipelines import control as ctl
-        _say(progress, "measuring expert and random returns")
+        _say(progress, "reading the environments' spaces, measuring expert and random returns")
         for t in ctl_tasks:
-            if t in ctl.TASK_ENV:
-                control[ctl.TASK_ENV[t]] = ctl.env_stats(ctl.TASK_ENV[t])
+            envs = sorted(task_envs.get(t, ())) or [e for e in [ctl.env_for_task(t)] if e]
+            if len(envs) > 1:
+                raise DataBuildError(f"the episodes of {t} name {len(envs)} environments "
+                                     f"({', '.join(envs)}); one task is one environment")
+            for env_id in envs:
+                try:
+                    control[env_id] = ctl.env_stats(env_id, task=t)
+                except ValueError as e:  # an env gymnasium cannot make here
+                    _say(progress, f"no control statistics for {t}: {e}")
 
     sources = _versions(["webdataset", "numpy", "sentencepiece", *getattr(mod, "SOURCES", ())])
     sources["python"] = platform.python_version()
@@ -460,6 +488,7 @@ def _build_into(mod: ModuleType, recipe: str, tmp: Path, limit: int | None, prog
                       "recipes may force a split (held-out voices, zero-shot compositions)",
         "sources": sources,
         "tokenizers": tokenizers,
+        "tokenizer_settings": settings,
         "control": control,
         "bytes": size,
         "build_seconds": round(time.time() - t0, 1),

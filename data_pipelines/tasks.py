@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from unimodal.tokenizers.action import ActionSpace
+from unimodal.tokenizers.audio import ClipTooLong
 from unimodal.tokenizers.base import Span
 from unimodal.tokenizers.vocab import SEP, Tokenizers, special
 
@@ -103,10 +105,15 @@ class _MediaTask(Task):
         if member is None:
             raise BadSample("missing_member", self.members[0])
         try:
-            span = getattr(toks, self.modality).encode(sample[member])
+            span = self.encode(sample[member], toks)
+        except BadSample:  # a ValueError too, with its own reason
+            raise
         except self.errors as e:
             raise BadSample(f"bad_{self.modality}", str(e)) from None
         return [special(self.markers[0]), span, special(self.markers[1])]
+
+    def encode(self, payload, toks: Tokenizers) -> Span:
+        return getattr(toks, self.modality).encode(payload)
 
     def answer(self, sample):
         return _field(sample, self.field)
@@ -117,8 +124,18 @@ class ImageClassify(_MediaTask):
 
 
 class AudioTranscribe(_MediaTask):
+    """A clip longer than the audio tokenizer's ``max_seconds`` is skipped as
+    ``BadSample("audio_too_long")``, never cut: a cut clip no longer says its whole
+    transcript. The loader and the evaluation count it (``skipped_audio_too_long``)."""
+
     members, modality, markers, field = ("flac", "wav", "ogg"), "audio", ("<audio>", "</audio>"), "transcript"
     errors = (ValueError, RuntimeError, OSError)
+
+    def encode(self, payload, toks):
+        try:
+            return toks.audio.encode(payload, cut=False)
+        except ClipTooLong as e:
+            raise BadSample("audio_too_long", str(e)) from None
 
 
 class Translate(Task):
@@ -144,28 +161,65 @@ class CodeComplete(Task):
 class Control(Task):
     """A Gato control episode: per timestep ``obs values, <sep>, action``; loss on actions.
 
-    ``discrete`` actions use the action range; continuous ones the value bins (with
-    modality 'action' so the model can tell them from observations).
+    The task's ``ActionSpace`` (``action_space``) decides how actions become tokens:
+    discrete ones use the action range, continuous ones the value bins (with modality
+    'action' so the model can tell them from observations), one bin per number. The space
+    comes from the data, never from the task's name: the manifest's record (carried by
+    the tokenizers), else the environment itself (gymnasium), else the episode's own
+    ``act.npy`` (integers: discrete; floats: continuous, unbounded).
     """
 
-    discrete: bool = True
+    def action_space(self, toks: Tokenizers, sample: dict | None = None) -> ActionSpace:
+        """This task's action space (see the class docstring for where it comes from)."""
+        space = toks.action_spaces.get(self.name)
+        if space is not None:
+            return space
+        from unimodal.data_pipelines import control as ctl
 
-    def step_spans(self, obs: np.ndarray, act, toks: Tokenizers, target: bool = True) -> list[Span]:
+        env = ((sample or {}).get("json") or {}).get("env")
+        env = env if isinstance(env, str) and env else ctl.env_for_task(self.name)
+        if env is not None:
+            try:
+                return ctl.env_info(env).space
+            except ValueError:
+                pass  # gymnasium cannot make it here: the episode says what its actions are
+        act = None if sample is None else sample.get("act.npy")
+        if act is None:
+            return ActionSpace(True, n=toks.action.num_actions)  # the widest: every action id
+        act = np.asarray(act)
+        if np.issubdtype(act.dtype, np.integer):
+            return ActionSpace(True, n=toks.action.num_actions)
+        shape = act.shape[1:] or (1,)
+        n = int(np.prod(shape))
+        return ActionSpace(False, shape=tuple(shape), low=(-np.inf,) * n, high=(np.inf,) * n)
+
+    def step_spans(self, obs: np.ndarray, act, toks: Tokenizers, target: bool = True,
+                   space: ActionSpace | None = None) -> list[Span]:
         """One timestep: observation value tokens, ``<sep>``, action tokens."""
         out = [toks.value.encode(np.asarray(obs, dtype=np.float32), modality="value"),
                special("<sep>")]
         if act is not None:
-            out.append(self.action_span(act, toks, target))
+            out.append(self.action_span(act, toks, target, space))
         return out
 
-    def action_span(self, act, toks: Tokenizers, target: bool = True) -> Span:
-        if self.discrete:
+    def action_span(self, act, toks: Tokenizers, target: bool = True,
+                    space: ActionSpace | None = None) -> Span:
+        space = space or self.action_space(toks)
+        if space.discrete:
             return toks.action.encode(np.asarray(act).reshape(-1).astype(int).tolist(), is_target=target)
         return toks.value.encode(np.asarray(act, dtype=np.float32).reshape(-1), modality="action",
                                  is_target=target)
 
-    def action_length(self, act_dim: int) -> int:
-        return 1 if self.discrete else act_dim
+    def check_actions(self, act: np.ndarray, space: ActionSpace) -> None:
+        """BadSample('bad_episode') unless ``act`` [T, ...] holds actions of ``space``."""
+        if space.discrete:
+            ok = (np.issubdtype(act.dtype, np.integer) or np.array_equal(act, np.round(act))) \
+                and act.size == len(act) and bool(((act >= 0) & (act < space.n)).all())
+            if not ok:
+                raise BadSample("bad_episode", f"actions {act.dtype} {act.shape} are not in 0..{space.n - 1}")
+        elif int(np.prod(act.shape[1:])) != space.dim or not np.isfinite(act).all():
+            raise BadSample("bad_episode", f"actions {act.shape} do not fit the continuous space of "
+                                           f"shape {list(space.shape)}")
 
     def prefix_spans(self, toks: Tokenizers) -> list[Span]:
         return [special("<bos>"), toks.text.encode(self.instruction)]
@@ -183,8 +237,10 @@ class Control(Task):
 
     def to_spans(self, sample, toks, rng=None, max_len=None):
         obs, act = self.episode(sample)
+        space = self.action_space(toks, sample)
+        self.check_actions(act, space)
         prefix = self.prefix_spans(toks)
-        step_len = obs.shape[1] + 1 + self.action_length(int(np.prod(act.shape[1:])) or 1)
+        step_len = obs.shape[1] + 1 + space.tokens
         budget = (max_len or 1 << 30) - sum(len(s) for s in prefix)
         steps = max(1, min(len(obs), budget // step_len))
         if budget < step_len:
@@ -192,7 +248,7 @@ class Control(Task):
         start = int(rng.integers(0, len(obs) - steps + 1)) if rng is not None else 0
         spans = list(prefix)
         for t in range(start, start + steps):
-            spans += self.step_spans(obs[t], act[t], toks)
+            spans += self.step_spans(obs[t], act[t], toks, space=space)
         return spans
 
 
@@ -208,9 +264,9 @@ _FAMILIES: list[tuple[str, callable]] = [
                     f"{LANGS.get(m.group(2), m.group(2))}.")),
     (r"code\.complete", lambda m: CodeComplete(m.group(0), "complete this python code.",
                                                output="code")),
+    # output "action": the action range or the value bins, as the task's action space says
     (r"control\.([\w-]+)", lambda m: Control(
-        m.group(0), f"act in {m.group(1)}.", output="action" if m.group(1) != "pendulum-v1" else "value",
-        needs=("obs.npy", "act.npy"), discrete=m.group(1) != "pendulum-v1")),
+        m.group(0), f"act in {m.group(1)}.", output="action", needs=("obs.npy", "act.npy"))),
 ]
 
 REGISTERED = ("image.classify", "image.classify.fr", "audio.transcribe", "audio.transcribe.fr",

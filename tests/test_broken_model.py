@@ -62,15 +62,15 @@ def test_pick_gives_in_range_actions_for_nonfinite_logits(nan_um, task, temperat
     assert ids.shape == (4,) and bool(((ids >= lo) & (ids < hi)).all()), ids
     for i in ids.tolist():
         a = spec.decode([i])
-        if spec.task.discrete:
+        if spec.discrete:
             assert 0 <= a < spec.num_actions
         else:
             assert a.shape == (1,) and np.isfinite(a).all() and spec.low <= float(a[0]) <= spec.high
-    if spec.task.discrete or temperature > 0:
+    if spec.discrete or temperature > 0:
         assert int(ids[3]) == lo + 1  # all the mass on the +inf; NaN is the least likely
     if temperature == 0:
         assert torch.equal(ids, spec.pick(logits, allowed, 0.0, None, None))  # deterministic
-        if spec.task.discrete:
+        if spec.discrete:
             assert ids.tolist()[:3] == [lo] * 3  # a row of ties: the first action
         else:  # the mean of all bins (~0), and of the +inf bin's value (-M, clipped to -2)
             values = [float(spec.decode([i])[0]) for i in ids.tolist()]

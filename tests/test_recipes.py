@@ -175,7 +175,7 @@ def test_rollout_shapes():
     assert act.shape == (200, 1) and act.dtype == np.float32 and np.abs(act).max() <= 2.0
     obs, act, ret = control.rollout("MountainCar-v0", control.random_policy("MountainCar-v0"), 2)
     assert act.dtype == np.int64 and set(np.unique(act)) <= {0, 1, 2} and ret == -200.0
-    assert [e.env_id for e in control.ENVS] == list(control.EXPERTS)
+    assert {e.env_id for e in control.ENVS} <= set(control.EXPERTS)  # every demo env has an expert
 
 
 def test_dart_rollout_labels_visited_states_with_the_expert():

@@ -21,7 +21,10 @@ def test_every_registered_task_has_an_instruction_and_output_range(toks):
         lo, hi = toks.vocab.range(task.output)
         assert hi > lo
     assert TASKS["image.classify.fr"].held_out and not TASKS["image.classify"].held_out
-    assert TASKS["control.pendulum-v1"].output == "value"
+    # a control task's range is its action space's: the environment's, never its name's
+    assert TASKS["control.pendulum-v1"].output == "action"
+    assert not TASKS["control.pendulum-v1"].action_space(toks).discrete
+    assert TASKS["control.cartpole-v1"].action_space(toks).n == 2
     with pytest.raises(KeyError, match="unknown task"):
         get_task("image.segment")
 

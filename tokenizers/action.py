@@ -10,6 +10,7 @@ with the defaults that is about 1e-4 near 0 and about 2.5 near ±256.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -132,3 +133,84 @@ class DiscreteActionTokenizer(Tokenizer):
         """ids -> list of actions; ids outside this tokenizer's range are dropped."""
         a = np.asarray(ids, dtype=np.int64).reshape(-1) - self.offset
         return a[(a >= 0) & (a < self.num_actions)].tolist()
+
+
+@dataclass(frozen=True)
+class ActionSpace:
+    """The actions of one control task, and so how they become tokens.
+
+    ``discrete``: ``n`` actions ``0 .. n-1``, one id each of the action range
+    (``DiscreteActionTokenizer``). Otherwise float vectors of ``shape``, one value bin per
+    number (``ValueTokenizer``), each within ``low`` .. ``high`` (per number, ``±inf`` where
+    unbounded). The JSON form, as the manifest and the checkpoint hold it::
+
+        {"type": "discrete", "n": 3}
+        {"type": "continuous", "shape": [1], "low": [-1.0], "high": [1.0]}   # null: unbounded
+    """
+
+    discrete: bool
+    n: int = 0
+    shape: tuple[int, ...] = ()
+    low: tuple[float, ...] = ()
+    high: tuple[float, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.discrete:
+            if int(self.n) < 1:
+                raise ValueError(f"a discrete action space needs n >= 1, got {self.n}")
+            return
+        if not self.shape or any(int(d) < 1 for d in self.shape):
+            raise ValueError(f"a continuous action space needs a shape of positive sizes, "
+                             f"got {list(self.shape)}")
+        if len(self.low) != self.dim or len(self.high) != self.dim:
+            raise ValueError(f"a continuous action space of shape {list(self.shape)} needs {self.dim} "
+                             f"low and high bounds, got {len(self.low)} and {len(self.high)}")
+        if any(lo > hi for lo, hi in zip(self.low, self.high)):
+            raise ValueError(f"action bounds low {list(self.low)} exceed high {list(self.high)}")
+
+    @property
+    def dim(self) -> int:
+        """Numbers per action: 1 for a discrete action, ``prod(shape)`` for a continuous one."""
+        return 1 if self.discrete else math.prod(self.shape)
+
+    @property
+    def tokens(self) -> int:
+        """Tokens per action: one id (discrete) or one value bin per number."""
+        return self.dim
+
+    @classmethod
+    def continuous(cls, low, high, shape=None) -> "ActionSpace":
+        """From bounds (array-likes, ``±inf`` or None where unbounded); shape defaults to theirs."""
+        def bounds(b, none: float) -> np.ndarray:  # None (JSON's unbounded) -> ±inf
+            return np.asarray([none if v is None else v for v in np.ravel(np.asarray(b, dtype=object))],
+                              dtype=np.float64)
+        lo, hi = bounds(low, -np.inf), bounds(high, np.inf)
+        shape = tuple(int(d) for d in (shape if shape is not None else np.shape(low) or (1,)))
+        n = math.prod(shape)
+        lo, hi = (np.full(n, b[0]) if b.size == 1 else b for b in (lo, hi))  # a scalar bound for all
+        return cls(False, shape=shape, low=tuple(float(v) for v in lo), high=tuple(float(v) for v in hi))
+
+    def to_json(self) -> dict[str, Any]:
+        if self.discrete:
+            return {"type": "discrete", "n": int(self.n)}
+        bound = lambda v: None if math.isinf(v) else float(v)  # noqa: E731  strict JSON has no inf
+        return {"type": "continuous", "shape": [int(d) for d in self.shape],
+                "low": [bound(v) for v in self.low], "high": [bound(v) for v in self.high]}
+
+    @classmethod
+    def from_json(cls, d: Any) -> "ActionSpace":
+        """The JSON form -> ActionSpace; ValueError (one sentence) for anything else."""
+        if isinstance(d, ActionSpace):
+            return d
+        kind = d.get("type") if isinstance(d, dict) else None
+        try:
+            if kind == "discrete":
+                return cls(True, n=int(d["n"]))
+            if kind == "continuous":
+                return cls.continuous(d["low"], d["high"], d["shape"])
+        except (KeyError, TypeError, ValueError) as e:
+            if isinstance(e, ValueError) and "action space" in str(e):
+                raise
+            raise ValueError(f"bad {kind} action space {d!r}: {e}") from None
+        raise ValueError(f"an action space is {{'type': 'discrete', 'n': ...}} or {{'type': 'continuous', "
+                         f"'shape': ..., 'low': ..., 'high': ...}}, got {d!r}")

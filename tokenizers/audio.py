@@ -8,7 +8,10 @@ Rules, in the order they are applied:
 - Integers become floats in [-1, 1]: signed by dividing by ``-iinfo.min`` (int16 / 32768),
   unsigned by centring at the midpoint (8-bit WAV). Floats are taken as they are.
 - Channels are averaged to mono; the signal is cut to ``max_seconds`` and resampled to
-  ``sample_rate`` with ``scipy.signal.resample_poly``.
+  ``sample_rate`` with ``scipy.signal.resample_poly``. A clip is longer than ``max_seconds``
+  when it has more than ``ceil(max_seconds * rate)`` samples at its own rate; with
+  ``cut=False`` such a clip is refused (``ClipTooLong``) instead of cut, which is what
+  training and evaluation ask for (a cut clip no longer holds its whole transcript).
 - Frames: ``win_ms`` windows every ``hop_ms`` (25 ms / 10 ms = 400 / 160 samples at
   16 kHz), periodic Hann window, FFT size ``n_fft`` = next power of two >= window (512),
   no centring: frame t covers samples ``[t * hop, t * hop + win)`` and the signal is
@@ -92,6 +95,15 @@ def _to_float(x: np.ndarray) -> np.ndarray:
     raise ValueError(f"expected a numeric audio array, got dtype {x.dtype}")
 
 
+class ClipTooLong(ValueError):
+    """A clip longer than the tokenizer's ``max_seconds``, refused by ``encode(..., cut=False)``."""
+
+    def __init__(self, seconds: float, max_seconds: float):
+        super().__init__(f"a {seconds:.2f} s clip is longer than the audio tokenizer's longest "
+                         f"clip, {max_seconds:g} s")
+        self.seconds, self.max_seconds = seconds, max_seconds
+
+
 @dataclass
 class AudioTokenizer(Tokenizer):
     """Audio -> Span("audio", features float32 [n, n_mels * stack], coords [n, 2] = (position, 0)).
@@ -101,7 +113,8 @@ class AudioTokenizer(Tokenizer):
         n_mels: mel channels per frame.
         win_ms, hop_ms: analysis window and hop, in milliseconds.
         stack: frames concatenated into one position (4 x 10 ms = 40 ms per position).
-        max_seconds: longer clips are cut to this many seconds (None: no cut).
+        max_seconds: the longest clip: longer ones are cut to this many seconds, or refused
+            with ``cut=False`` (None: no limit).
 
     Defaults: 100 frames per second, 25 positions per second, ``feature_dim`` 320.
     See the module docstring for the exact signal chain.
@@ -149,8 +162,9 @@ class AudioTokenizer(Tokenizer):
                 "win_ms": self.win_ms, "hop_ms": self.hop_ms, "stack": self.stack,
                 "max_seconds": self.max_seconds}
 
-    def waveform(self, payload: Any) -> np.ndarray:
-        """Payload -> mono float32 [samples] at ``sample_rate``, cut to ``max_seconds``."""
+    def waveform(self, payload: Any, cut: bool = True) -> np.ndarray:
+        """Payload -> mono float32 [samples] at ``sample_rate``, cut to ``max_seconds``
+        (``cut=False``: a longer clip raises ``ClipTooLong``)."""
         if isinstance(payload, tuple):
             if len(payload) != 2:
                 raise ValueError("audio tuples must be (array, rate)")
@@ -170,6 +184,8 @@ class AudioTokenizer(Tokenizer):
             raise ValueError(f"sample rate must be a positive integer, got {rate}")
         rate = int(rate)
         if self.max_seconds is not None:
+            if not cut and len(x) > math.ceil(self.max_seconds * rate):
+                raise ClipTooLong(len(x) / rate, self.max_seconds)
             x = x[: math.ceil(self.max_seconds * rate)]  # cut before resampling: less work
         if x.size == 0:
             raise ValueError("empty audio")
@@ -192,9 +208,12 @@ class AudioTokenizer(Tokenizer):
         mel = (spec.real ** 2 + spec.imag ** 2) @ self._fb_t
         return (np.log(mel + LOG_EPS) + LOG_SHIFT) / LOG_SCALE
 
-    def encode(self, payload: Any, is_target: bool = False, weight: float = 1.0) -> Span:
-        """Audio -> Span("audio", features [ceil(frames / stack), n_mels * stack], coords (position, 0))."""
-        mel = self.log_mel(self.waveform(payload))
+    def encode(self, payload: Any, is_target: bool = False, weight: float = 1.0, cut: bool = True) -> Span:
+        """Audio -> Span("audio", features [ceil(frames / stack), n_mels * stack], coords (position, 0)).
+
+        ``cut``: a clip longer than ``max_seconds`` is cut to it (True) or refused with
+        ``ClipTooLong`` (False)."""
+        mel = self.log_mel(self.waveform(payload, cut=cut))
         pad = -len(mel) % self.stack
         if pad:
             mel = np.concatenate([mel, np.full((pad, self.n_mels), FLOOR, dtype=mel.dtype)])

@@ -78,27 +78,88 @@ class Vocab:
         return spec_hash(self.spec())
 
 
+def setting_classes() -> dict[str, type]:
+    """The tokenizers that take settings (the sentencepiece ones are trained models), by name."""
+    from .action import DiscreteActionTokenizer, ValueTokenizer
+    from .audio import AudioTokenizer
+    from .image import ImageTokenizer
+
+    return {"image": ImageTokenizer, "audio": AudioTokenizer, "value": ValueTokenizer,
+            "action": DiscreteActionTokenizer}
+
+
+def _keywords(tok: Tokenizer) -> dict[str, Any]:
+    return {k: v for k, v in tok.spec().items() if k not in ("type", "hash")}
+
+
+def merge_settings(*layers: dict | None, names: tuple[str, ...] = ()) -> dict[str, dict]:
+    """The full settings (constructor keywords) of the image, audio, value and action
+    tokenizers: each layer's settings over the defaults, later layers winning key by key.
+
+    ``layers`` are ``{tokenizer: {setting: value}}`` dicts (or None), e.g. a recipe's, then a
+    manifest's, then a training config's; ``names`` name them for the error messages.
+    Raises ValueError (one sentence naming the layer) for an unknown tokenizer or setting,
+    or a value a tokenizer refuses.
+    """
+    classes = setting_classes()
+    out = {name: _keywords(cls()) for name, cls in classes.items()}
+    for i, layer in enumerate(layers):
+        where = names[i] if i < len(names) else f"tokenizer settings #{i + 1}"
+        if layer is None:
+            continue
+        if not isinstance(layer, dict):
+            raise ValueError(f"{where} must map tokenizer names ({', '.join(classes)}) to settings, "
+                             f"got {layer!r}")
+        for name, settings in layer.items():
+            if name not in classes:
+                raise ValueError(f"{where} has no tokenizer {name!r}; known: {', '.join(classes)}")
+            if not isinstance(settings, dict):
+                raise ValueError(f"{where}.{name} must map settings to values, got {settings!r}")
+            unknown = sorted(set(settings) - set(out[name]))
+            if unknown:
+                raise ValueError(f"{where}.{name} has no setting {unknown[0]!r}; known: "
+                                 f"{', '.join(out[name])}")
+            try:
+                tok = classes[name](**{**out[name], **settings})
+            except (TypeError, ValueError) as e:
+                raise ValueError(f"{where}.{name} cannot build the {name} tokenizer: {e}") from None
+            out[name] = _keywords(tok)  # normalised: resolution (8, 8) -> [8, 8]
+    return out
+
+
 class Tokenizers:
     """Every tokenizer a run uses, with the shared vocabulary laid out over the discrete ones.
 
     This is what a checkpoint saves (``state()``) and restores (``from_state``): the specs,
-    and the sentencepiece models as bytes, so a checkpoint alone rebuilds its inputs.
+    the settings, the sentencepiece models as bytes and the control tasks' action spaces,
+    so a checkpoint alone rebuilds its inputs.
+
+    ``action_spaces``: control task name -> ``ActionSpace``, how that task's actions become
+    tokens, as the data's manifest recorded them (empty: each task asks its environment).
     """
 
-    def __init__(self, text, code, image, audio, value=None, action=None):
-        from .action import DiscreteActionTokenizer, ValueTokenizer
+    def __init__(self, text, code, image, audio, value=None, action=None, action_spaces=None):
+        from .action import ActionSpace, DiscreteActionTokenizer, ValueTokenizer
 
         self.text, self.code, self.image, self.audio = text, code, image, audio
         self.value = value if value is not None else ValueTokenizer()
         self.action = action if action is not None else DiscreteActionTokenizer()
         self.vocab = Vocab({"text": self.text, "code": self.code, "value": self.value,
                             "action": self.action})
+        self.action_spaces = {str(k): ActionSpace.from_json(v)
+                              for k, v in sorted((action_spaces or {}).items())}
+        for task, space in self.action_spaces.items():
+            if space.discrete and space.n > self.action.num_actions:
+                raise ValueError(f"{task} has {space.n} discrete actions, more than the action "
+                                 f"tokenizer's num_actions {self.action.num_actions}; raise "
+                                 f"tokenizer_settings.action.num_actions")
 
     @classmethod
     def build(cls, text_model: bytes, code_model: bytes, image: dict | None = None,
               audio: dict | None = None, value: dict | None = None,
-              action: dict | None = None) -> "Tokenizers":
-        """From sentencepiece model bytes and keyword settings of the other tokenizers."""
+              action: dict | None = None, action_spaces: dict | None = None) -> "Tokenizers":
+        """From sentencepiece model bytes, keyword settings of the other tokenizers, and the
+        control tasks' action spaces (task -> ``ActionSpace`` or its JSON form)."""
         from .action import DiscreteActionTokenizer, ValueTokenizer
         from .audio import AudioTokenizer
         from .image import ImageTokenizer
@@ -107,7 +168,8 @@ class Tokenizers:
         return cls(SentencePieceTokenizer(text_model, kind="text"),
                    SentencePieceTokenizer(code_model, kind="code"),
                    ImageTokenizer(**(image or {})), AudioTokenizer(**(audio or {})),
-                   ValueTokenizer(**(value or {})), DiscreteActionTokenizer(**(action or {})))
+                   ValueTokenizer(**(value or {})), DiscreteActionTokenizer(**(action or {})),
+                   action_spaces=action_spaces)
 
     @property
     def continuous_dims(self) -> dict[str, int]:
@@ -115,7 +177,10 @@ class Tokenizers:
         return {"image": self.image.patch_dim, "audio": self.audio.feature_dim}
 
     def spec(self) -> dict[str, Any]:
-        return {"vocab": self.vocab.spec(), "image": self.image.spec(), "audio": self.audio.spec()}
+        spec = {"vocab": self.vocab.spec(), "image": self.image.spec(), "audio": self.audio.spec()}
+        if self.action_spaces:  # absent when empty: the hashes of older checkpoints still hold
+            spec["action_spaces"] = {k: v.to_json() for k, v in self.action_spaces.items()}
+        return spec
 
     @property
     def hash(self) -> str:
@@ -123,9 +188,8 @@ class Tokenizers:
 
     def settings(self) -> dict[str, dict]:
         """Constructor keywords of the non-sentencepiece tokenizers (JSON-safe)."""
-        keep = lambda spec: {k: v for k, v in spec.items() if k not in ("type", "hash")}  # noqa: E731
-        return {"image": keep(self.image.spec()), "audio": keep(self.audio.spec()),
-                "value": keep(self.value.spec()), "action": keep(self.action.spec())}
+        return {"image": _keywords(self.image), "audio": _keywords(self.audio),
+                "value": _keywords(self.value), "action": _keywords(self.action)}
 
     def state(self) -> dict[str, Any]:
         """Checkpoint-safe state: plain types and uint8 tensors only (weights_only loads)."""
@@ -133,6 +197,7 @@ class Tokenizers:
 
         return {
             "spec": self.spec(), "hash": self.hash, "settings": self.settings(),
+            "action_spaces": {k: v.to_json() for k, v in self.action_spaces.items()},
             "text_model": torch.frombuffer(bytearray(self.text.model_proto), dtype=torch.uint8),
             "code_model": torch.frombuffer(bytearray(self.code.model_proto), dtype=torch.uint8),
         }
@@ -140,7 +205,8 @@ class Tokenizers:
     @classmethod
     def from_state(cls, state: dict[str, Any]) -> "Tokenizers":
         toks = cls.build(bytes(state["text_model"].numpy().tobytes()),
-                         bytes(state["code_model"].numpy().tobytes()), **state["settings"])
+                         bytes(state["code_model"].numpy().tobytes()), **state["settings"],
+                         action_spaces=state.get("action_spaces"))
         if toks.hash != state["hash"]:
             raise ValueError("the tokenizers rebuilt from this checkpoint do not match its spec hash")
         return toks

@@ -19,8 +19,9 @@ range plus ``<eos>``), in bits, over the completion's UTF-8 bytes.
 
 Control episodes run on seeds ``seed .. seed + episodes - 1`` (data seeds are below
 10,000), all episodes of a task as one batch through ``ControlRunner``, which appends each
-timestep to a KV cache. Expert and random returns come from the shard manifest's
-``control`` section (computed with data_pipelines/control.py if absent).
+timestep to a KV cache. A task's environment and action space are the shard manifest's
+(its ``control`` section), else the environment's own; expert and random returns come from
+the manifest too (computed with data_pipelines/control.py if absent).
 
 A broken model (NaN weights) gets its bad scores, never a crash: decoding turns non-finite
 logits into valid ids (``generate.finite_logits``), an episode whose environment returns a
@@ -47,6 +48,7 @@ from unimodal.data_pipelines.loader import iter_split, resolve_shards
 from unimodal.data_pipelines.packing import sample_length
 from unimodal.data_pipelines.tasks import BadSample, Control, get_task
 from unimodal.generate import ControlRunner, InputError, Unimodal, resolve_task
+from unimodal.tokenizers.action import ActionSpace
 
 
 # --------------------------------------------------------------------------------------
@@ -120,21 +122,23 @@ def per_episode(policy: Callable[[np.ndarray], Any]) -> BatchPolicy:
 
 
 def run_episodes(env_id: str, policy: BatchPolicy, episodes: int = 20,
-                 seed: int = ctl.EVAL_SEED_START, stats: Counter | None = None) -> list[float]:
+                 seed: int = ctl.EVAL_SEED_START, stats: Counter | None = None,
+                 space: ActionSpace | None = None) -> list[float]:
     """Returns of ``episodes`` episodes run side by side, env ``i`` reset with ``seed + i``.
 
     ``policy`` maps the observations float [m, obs_dim] of the m episodes still running to
     one action each. When episodes end and the policy has ``select(rows)`` (as
     ``ControlRunner`` does), it is told which of its rows go on, so it stops computing for
-    the finished ones.
+    the finished ones. Each action is made legal for ``space`` (default: the environment's
+    own action space): an int, or floats of its shape clipped to its bounds.
 
     An episode whose step returns a non-finite observation or reward (a broken policy can
     drive an env there: a NaN torque makes Pendulum's state NaN) ends at that step, scored
     by the sum of its finite rewards, and is counted in ``stats["nonfinite_episodes"]``.
     """
     stats = stats if stats is not None else Counter()
-    info = ctl.ENV_INFO[env_id]
     envs = [ctl.make_env(env_id) for _ in range(episodes)]
+    space = space or ctl.action_space_of(envs[0].action_space)
     try:
         obs = [np.asarray(env.reset(seed=seed + i)[0], dtype=np.float32) for i, env in enumerate(envs)]
         rets = [0.0] * episodes
@@ -143,10 +147,7 @@ def run_episodes(env_id: str, policy: BatchPolicy, episodes: int = 20,
             actions = policy(np.stack([obs[i] for i in active]))
             still = []
             for j, i in enumerate(active):
-                a = actions[j]
-                a = int(a) if info.discrete else np.clip(
-                    np.asarray(a, dtype=np.float32).reshape(info.act_dim), info.act_low, info.act_high)
-                o, r, term, trunc, _ = envs[i].step(a)
+                o, r, term, trunc, _ = envs[i].step(ctl.legal_action(space, actions[j]))
                 obs[i], r = np.asarray(o, dtype=np.float32), float(r)
                 rets[i] += r if math.isfinite(r) else 0.0
                 if not (math.isfinite(r) and np.isfinite(obs[i]).all()):
@@ -167,7 +168,8 @@ _BASELINES: dict[tuple, float] = {}
 
 def control_baselines(env_id: str, manifest: dict | None, episodes: int = 20,
                       seed: int = ctl.EVAL_SEED_START) -> dict[str, Any]:
-    """Expert and random mean returns of ``env_id``: the manifest's, else measured here."""
+    """Expert and random mean returns of ``env_id``: the manifest's, else measured here
+    (NaN for the expert of an environment without a scripted one: no normalised return)."""
     entry = ((manifest or {}).get("control") or {}).get(env_id) or {}
     if "expert_return" in entry and "random_return" in entry:
         return {"expert": float(entry["expert_return"]), "random": float(entry["random_return"]),
@@ -176,7 +178,8 @@ def control_baselines(env_id: str, manifest: dict | None, episodes: int = 20,
     for policy in ("expert", "random"):
         key = (env_id, policy, episodes, seed)
         if key not in _BASELINES:
-            _BASELINES[key] = ctl.mean_return(env_id, policy, episodes, seed)
+            _BASELINES[key] = (float("nan") if policy == "expert" and env_id not in ctl.EXPERTS
+                               else ctl.mean_return(env_id, policy, episodes, seed))
         out[policy] = _BASELINES[key]
     return out
 
@@ -191,13 +194,15 @@ def control_metrics(rets: Sequence[float], baseline: dict) -> dict[str, float]:
 def evaluate_control(um: Unimodal, task_name: str, manifest: dict | None = None, episodes: int = 20,
                      seed: int = ctl.EVAL_SEED_START, context: int | None = None) -> dict[str, float]:
     """Closed-loop metrics of ``um`` acting greedily in ``task_name``'s environment
-    (``control_metrics`` plus ``nonfinite_episodes``, see ``run_episodes``)."""
-    env_id = ctl.TASK_ENV.get(task_name)
+    (``control_metrics`` plus ``nonfinite_episodes``, see ``run_episodes``). The environment
+    and its action space are the manifest's, else found from the task's name."""
+    env_id = ctl.env_for_task(task_name, manifest)
     if env_id is None:
         raise InputError(f"{task_name} has no environment to roll out in; known: {', '.join(ctl.TASK_ENV)}")
     runner = ControlRunner(um, task_name, n=episodes, context=context)
     stats: Counter = Counter()
-    rets = run_episodes(env_id, runner, episodes, seed, stats)
+    space = ctl.space_in_manifest(((manifest or {}).get("control") or {}).get(env_id))
+    rets = run_episodes(env_id, runner, episodes, seed, stats, space=space or runner.spec.space)
     return {**control_metrics(rets, control_baselines(env_id, manifest, episodes, seed)),
             "nonfinite_episodes": stats["nonfinite_episodes"]}
 
@@ -291,9 +296,9 @@ def train_unigram(um: Unimodal, shards: str, split: str = "train") -> np.ndarray
 # --------------------------------------------------------------------------------------
 # the whole evaluation
 # --------------------------------------------------------------------------------------
-def _default_tasks(um: Unimodal, present: Sequence[str]) -> list[str]:
+def _default_tasks(um: Unimodal, present: Sequence[str], manifest: dict | None = None) -> list[str]:
     """Tasks in the split that the model was trained on or that are held-out compositions,
-    plus the control tasks it was trained on (those run in their environment)."""
+    plus the control tasks it was trained on that have an environment (they run in it)."""
     trained = set(um.tasks)
     out = []
     for t in present:
@@ -305,7 +310,8 @@ def _default_tasks(um: Unimodal, present: Sequence[str]) -> list[str]:
             continue
         if not trained or t in trained or task.held_out:
             out.append(t)
-    ctl_tasks = [t for t in (um.tasks or present) if t.startswith("control.") and t in ctl.TASK_ENV]
+    ctl_tasks = [t for t in (um.tasks or present) if t.startswith("control.")
+                 and ctl.env_for_task(t, manifest) is not None]
     return sorted(set(out)) + sorted(set(ctl_tasks))
 
 
@@ -358,7 +364,7 @@ def evaluate(model: Unimodal, shards: str, split: str = "test", tasks: Sequence[
             by_task[name].append(s)
     if tasks is None:
         names = list((manifest or {}).get("splits", {}).get(split, {}).get("samples") or present)
-        tasks = _default_tasks(model, sorted(set(names) | present))
+        tasks = _default_tasks(model, sorted(set(names) | present), manifest)
     tasks = list(tasks)
 
     results: dict[str, dict] = {}
@@ -375,7 +381,7 @@ def evaluate(model: Unimodal, shards: str, split: str = "test", tasks: Sequence[
             if isinstance(task, Control):
                 if progress:
                     bar.write(f"rolling out {name}: {episodes} episodes")
-                env_id = ctl.TASK_ENV.get(name)
+                env_id = ctl.env_for_task(name, manifest)
                 if env_id is None:
                     meta_tasks[name] = {"skipped": "no environment"}
                     continue
