@@ -57,6 +57,33 @@ def test_two_nodes_train_in_lockstep_on_disjoint_data(shard_dir, tmp_path):
 
 
 @pytest.mark.slow
+def test_two_nodes_train_with_fsdp_and_the_checkpoint_loads_in_one_process(shard_dir, tmp_path):
+    """--trainer.strategy fsdp through train.py on two CPU processes (make_strategy's FSDP over
+    gloo, gradient clipping on as by default): last.ckpt holds full tensors that load with
+    weights_only into Unimodal.from_checkpoint. tests/test_fsdp.py checks the numbers."""
+    import torch
+
+    from unimodal.generate import Unimodal
+
+    port = free_port()
+    extra = ["--trainer.strategy", "fsdp", "--run_name", "fsdp"]
+    procs = [launch(r, port, shard_dir, tmp_path, steps=3, extra=extra) for r in (0, 1)]
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    for p, out in zip(procs, outs):
+        assert p.returncode == 0, out[-3000:]
+    assert "step      3 | loss" in outs[0]
+    ckpt = tmp_path / "fsdp" / "checkpoints" / "last.ckpt"
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)
+    assert state["global_step"] == 3
+    groups = state["optimizer_states"][0]["param_groups"]
+    assert groups[0]["weight_decay"] > 0 and len(groups[0]["params"]) > 0
+    um = Unimodal.from_checkpoint(ckpt)
+    assert um.model.blocks[0].attn.qkv.weight.ndim == 2
+    for name, p in um.model.named_parameters():
+        assert torch.equal(p, state["state_dict"][f"model.{name}"]), name
+
+
+@pytest.mark.slow
 def test_a_dead_rank_stops_the_other_with_a_clear_error(shard_dir, tmp_path):
     port = free_port()
     procs = [launch(r, port, shard_dir, tmp_path, steps=10_000) for r in (0, 1)]

@@ -26,7 +26,6 @@ from __future__ import annotations
 import io
 import math
 import os
-import re
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Sequence
@@ -36,7 +35,8 @@ import torch
 
 from unimodal.data_pipelines.packing import flatten, pack_rows, sample_length
 from unimodal.data_pipelines.tasks import BadSample, Control, Task, get_task
-from unimodal.model import Decoder, ModelConfig
+from unimodal.model import WRAPPER_SEGMENTS, Decoder, ModelConfig
+from unimodal.tokenizers.action import ActionSpace
 from unimodal.tokenizers.base import MODALITY_ID, Span
 from unimodal.tokenizers.vocab import EOS, Tokenizers, special
 
@@ -56,13 +56,15 @@ class InputError(UnimodalError):
 # --------------------------------------------------------------------------------------
 # checkpoints
 # --------------------------------------------------------------------------------------
-# segments that torch.compile and activation checkpointing insert into parameter names
-_WRAPPER_SEGMENTS = re.compile(r"(?:^|(?<=\.))(?:_orig_mod|_checkpoint_wrapped_module)\.")
+# segments that FSDP, torch.compile and activation checkpointing insert into parameter names
+# (``_fsdp_wrapped_module.``, ``_orig_mod.``, ``_checkpoint_wrapped_module.``): one list, model.py's
+_WRAPPER_SEGMENTS = WRAPPER_SEGMENTS
 
 
 def clean_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """UnimodalModule's state dict -> Decoder's: drop the ``model.`` prefix and the
-    ``_orig_mod.`` / ``_checkpoint_wrapped_module.`` segments of compile / checkpointing."""
+    ``_fsdp_wrapped_module.`` / ``_orig_mod.`` / ``_checkpoint_wrapped_module.`` segments of
+    FSDP / compile / checkpointing (a full FSDP state dict has none; a hand-made one may)."""
     out = {}
     for name, value in state_dict.items():
         if name.startswith("model."):
@@ -244,10 +246,14 @@ def prompt_sample(task: str | None, image=None, audio=None, code: str | None = N
         o = o.reshape(1, -1) if o.ndim <= 1 else o
         if o.ndim != 2 or o.size == 0 or not np.isfinite(o).all():
             raise InputError(f"--obs must be finite numbers, got shape {tuple(o.shape)}")
-        from unimodal.data_pipelines.control import ENV_INFO, TASK_ENV
-        env = TASK_ENV.get(task)
-        if env is not None and o.shape[1] != ENV_INFO[env].obs_dim:
-            raise InputError(f"--obs of {task} has {ENV_INFO[env].obs_dim} numbers, got {o.shape[1]}")
+        from unimodal.data_pipelines.control import env_for_task, env_info
+        env = env_for_task(task)
+        try:
+            obs_dim = env_info(env).obs_dim if env is not None else 0
+        except ValueError:  # gymnasium cannot make it here: nothing to check against
+            obs_dim = 0
+        if obs_dim and o.shape[1] != obs_dim:
+            raise InputError(f"--obs of {task} has {obs_dim} numbers, got {o.shape[1]}")
         sample["obs.npy"] = o
     return sample
 
@@ -676,8 +682,8 @@ class Unimodal:
         k = max(0, min(len(acts), room // step_len))
         spans = list(prefix)
         for t in range(len(acts) - k, len(acts)):
-            spans += task.step_spans(obs[t], acts[t], toks, target=False)
-        spans += task.step_spans(obs[-1], None, toks)
+            spans += task.step_spans(obs[t], acts[t], toks, target=False, space=spec.space)
+        spans += task.step_spans(obs[-1], None, toks, space=spec.space)
         ids = self.generate(spans, output=spec.range, max_new_tokens=spec.act_len,
                             temperature=temperature, top_k=top_k, stop_at_eos=False, seed=seed,
                             modality="action", pick=spec.pick)
@@ -685,35 +691,45 @@ class Unimodal:
 
 
 class ControlSpec:
-    """A control task's action layout in the vocabulary: range, tokens per action, decoding."""
+    """A control task's action layout in the vocabulary: range, tokens per action, decoding.
 
-    def __init__(self, task: Control, toks: Tokenizers, obs_dim: int, num_actions: int,
-                 act_dim: int, low: float, high: float):
-        self.task, self.toks = task, toks
-        self.obs_dim, self.num_actions, self.act_dim = obs_dim, num_actions, act_dim
-        self.low, self.high = low, high
+    ``space`` is the task's ``ActionSpace``: the one the checkpoint's tokenizers carry (the
+    training data's manifest recorded it), else the environment's own (``Control.action_space``).
+    ``low``/``high``: float32 [act_dim] bounds of a continuous action (±inf where unbounded).
+    """
+
+    def __init__(self, task: Control, toks: Tokenizers, space: ActionSpace, obs_dim: int = 0):
+        self.task, self.toks, self.space = task, toks, space
+        self.discrete = space.discrete
+        self.obs_dim = obs_dim
+        self.num_actions = space.n if space.discrete else 0
+        self.act_dim = 0 if space.discrete else space.dim
         self._values: torch.Tensor | None = None  # value of every bin, within the bounds (pick)
-        if task.discrete:
+        if space.discrete:
             start = toks.vocab.range("action")[0]
-            n = num_actions or toks.action.size
-            self.range = (start, start + n)  # only the env's own actions
+            self.range = (start, start + space.n)  # only the env's own actions
             self.act_len = 1
+            self.low = self.high = None
         else:
             self.range = toks.vocab.range("value")
-            self.act_len = act_dim
+            self.act_len = space.dim
+            self.low = np.asarray(space.low, dtype=np.float32)
+            self.high = np.asarray(space.high, dtype=np.float32)
+            if space.dim == 1:  # a scalar action: scalar bounds
+                self.low, self.high = float(self.low[0]), float(self.high[0])
 
     @classmethod
     def of(cls, um: Unimodal, task_name: str) -> "ControlSpec":
         task = resolve_task(task_name)
         if not isinstance(task, Control):
             raise InputError(f"{task_name} is not a control task")
-        from unimodal.data_pipelines.control import ENV_INFO, TASK_ENV
-        env = TASK_ENV.get(task_name)
-        if env is None:  # a control task without a known env: take the widest settings
-            return cls(task, um.toks, 0, 0, 1, -np.inf, np.inf)
-        info = ENV_INFO[env]
-        return cls(task, um.toks, info.obs_dim, info.num_actions, info.act_dim or 1,
-                   info.act_low, info.act_high)
+        from unimodal.data_pipelines.control import env_for_task, env_info
+        env = env_for_task(task_name)
+        try:
+            obs_dim = env_info(env).obs_dim if env is not None else 0
+        except ValueError:  # gymnasium cannot make it here
+            obs_dim = 0
+        return cls(task, um.toks, task.action_space(um.toks), obs_dim)
 
     def pick(self, logits: torch.Tensor, allowed: torch.Tensor, temperature: float, top_k: int | None,
              gen: torch.Generator | None) -> torch.Tensor:
@@ -729,12 +745,15 @@ class ControlSpec:
 
         Non-finite logits still give a valid in-range id, deterministically when greedy
         (``finite_logits``): a row of NaN takes the mean of every bin's value (0 on Pendulum)."""
-        if self.task.discrete or temperature > 0:
+        if self.discrete or temperature > 0:
             return Unimodal._pick(logits, allowed, temperature, top_k, gen)
         lo, hi = self.range
         if self._values is None or self._values.device != logits.device:
             centres = self.toks.value.decode(np.arange(lo, hi, dtype=np.int64))  # (bins,)
-            self._values = torch.as_tensor(np.clip(centres, self.low, self.high), dtype=torch.float32,
+            # one token is one number of the action, which one pick() is not told: the mean is
+            # taken within the widest bounds, ``decode`` clips each number to its own
+            low, high = float(np.min(self.low)), float(np.max(self.high))
+            self._values = torch.as_tensor(np.clip(centres, low, high), dtype=torch.float32,
                                            device=logits.device)
         probs = torch.softmax(finite_logits(logits[:, lo:hi]), dim=-1)  # (B, bins)
         mean = (probs @ self._values).cpu().numpy()  # (B,)
@@ -742,10 +761,10 @@ class ControlSpec:
 
     def decode(self, ids: Sequence[int]):
         """Action ids -> int (discrete) or float32 [act_dim] (continuous, clipped)."""
-        if self.task.discrete:
+        if self.discrete:
             return int(ids[0]) - self.toks.vocab.range("action")[0]
         x = np.asarray(self.toks.value.decode(np.asarray(ids, dtype=np.int64)), dtype=np.float32)
-        return np.clip(x.reshape(self.act_dim), self.low, self.high)
+        return np.clip(x.reshape(self.act_dim), self.low, self.high).astype(np.float32)
 
 
 class ControlRunner:

@@ -42,6 +42,8 @@ from __future__ import annotations
 
 import functools
 import math
+import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -533,14 +535,42 @@ def token_loss(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tenso
     return torch.where(mask, loss, torch.zeros_like(loss)), mask
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Two optimiser groups: weight decay on 2-D weight matrices of linear layers; none on
-    norms, biases and embedding tables (a tied head is the embedding table: no decay)."""
+# segments that FSDP, torch.compile and activation checkpointing insert into parameter names
+WRAPPER_SEGMENTS = re.compile(r"(?:^|(?<=\.))(?:_fsdp_wrapped_module|_orig_mod|_checkpoint_wrapped_module)\.")
+
+
+def clean_name(name: str) -> str:
+    """A parameter's name as the unwrapped Decoder has it (no FSDP, compile or checkpoint segments)."""
+    return WRAPPER_SEGMENTS.sub("", name)
+
+
+def decay_names(model: nn.Module) -> frozenset[str]:
+    """Names (``clean_name``) of the parameters that get weight decay: the 2-D weight matrices
+    of linear layers; not norms, biases or embedding tables (a tied head is the embedding
+    table). Ask the unwrapped model: under FSDP every parameter is a 1-D shard, some empty."""
     tables = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    decay, no_decay, seen = [], [], set()
-    for p in model.parameters():
-        if not p.requires_grad or id(p) in seen:
-            continue
-        seen.add(id(p))
-        (decay if p.ndim >= 2 and id(p) not in tables else no_decay).append(p)
-    return [dict(params=decay, weight_decay=weight_decay), dict(params=no_decay, weight_decay=0.0)]
+    return frozenset(clean_name(f"{name}.weight") for name, m in model.named_modules()
+                     if isinstance(m, nn.Linear) and m.weight.ndim == 2 and id(m.weight) not in tables)
+
+
+def param_groups(model: nn.Module, weight_decay: float, decay: Iterable[str] | None = None) -> list[dict]:
+    """Two optimiser groups, decay first: weight decay on the parameters named in ``decay``
+    (default ``decay_names(model)``, right for an unwrapped model only), none on the rest.
+
+    Names are compared without wrapper segments, so ``decay`` recorded on the model before
+    FSDP, compile or activation checkpointing wrapped it picks the same parameters after.
+    Every parameter that requires a gradient lands in exactly one group; a name in ``decay``
+    that the model lacks is an error (a wrapper this does not know would otherwise silently
+    turn weight decay off)."""
+    decay = decay_names(model) if decay is None else frozenset(decay)
+    groups: tuple[list, list] = ([], [])
+    names = set()
+    for name, p in model.named_parameters():  # each tensor once (a tied head is wte.weight)
+        name = clean_name(name)
+        names.add(name)
+        if p.requires_grad:
+            groups[name not in decay].append(p)
+    if missing := decay - names:
+        raise ValueError(f"weight decay is set for parameters the model does not have: "
+                         f"{', '.join(sorted(missing)[:4])}{' ...' if len(missing) > 4 else ''}")
+    return [dict(params=groups[0], weight_decay=weight_decay), dict(params=groups[1], weight_decay=0.0)]

@@ -27,7 +27,7 @@ import torch
 from lightning.fabric.utilities.throughput import Throughput
 
 from unimodal.data_pipelines.packing import Batch
-from unimodal.model import Decoder, ModelConfig, param_groups, token_loss
+from unimodal.model import Decoder, ModelConfig, decay_names, param_groups, token_loss
 
 
 @dataclass
@@ -130,12 +130,16 @@ class UnimodalModule(L.LightningModule):
         self.stopped_nonfinite: str | None = None  # the line that stopped the run, if one did
         self._bad_loss: torch.Tensor | None = None  # any non-finite micro-batch loss this step
         self._tasks_seen: torch.Tensor | None = None
+        self.decay: frozenset[str] | None = None  # names that get weight decay, from the unwrapped model
+        self._grad_norm: torch.Tensor | None = None  # this step's global gradient norm
 
     def configure_model(self) -> None:
         """Build the decoder (idempotent; Lightning may call this under an FSDP init context)."""
         if self.model is not None:
             return
         self.model = Decoder(self.model_cfg)
+        # before anything wraps it: FSDP's parameters are 1-D shards, which no shape test can sort
+        self.decay = decay_names(self.model)
         self.flops_per_token = self.model.flops_per_token(self.model_cfg.max_seq_len)
         if self.hparams.activation_checkpointing and not self._fsdp():
             from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
@@ -256,6 +260,7 @@ class UnimodalModule(L.LightningModule):
         norm = torch.stack([g.detach().float().norm() for g in grads]).norm() if grads else torch.zeros((), device=self.device)
         if "FSDP" in type(strategy).__name__:  # each rank holds a shard of every gradient
             norm = strategy.reduce(norm.square(), reduce_op="sum").sqrt()
+        self._grad_norm = norm
         bad_loss = self._bad_loss if self._bad_loss is not None else torch.zeros((), dtype=torch.bool, device=self.device)
         self._bad_loss = None
         # under fp16's GradScaler, overflowing gradients are the scaler's to skip (and routine)
@@ -267,6 +272,17 @@ class UnimodalModule(L.LightningModule):
         self.nonfinite_in_a_row = 0
         if self._log_now():
             self.log("train/grad_norm", norm)
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        """Lightning's clipping, except under FSDP, where Lightning refuses to clip by norm
+        (its FSDPPrecision raises: torch's clip_grad_norm_ on shards would clip by one rank's
+        norm). There every rank scales its shards by the global norm of
+        ``on_before_optimizer_step``, which is what clip_grad_norm_ does on a whole model."""
+        if not (self._fsdp() and gradient_clip_val and (gradient_clip_algorithm or "norm") == "norm"):
+            return super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        if params and self._grad_norm is not None:  # no gradients: a skipped (non-finite) step
+            torch.nn.utils.clip_grads_with_norm_(params, gradient_clip_val, self._grad_norm)
 
     def _skip_nonfinite(self, optimizer, bad_loss: torch.Tensor, norm: torch.Tensor) -> None:
         for group in optimizer.param_groups:
@@ -333,7 +349,10 @@ class UnimodalModule(L.LightningModule):
     def configure_optimizers(self):
         cfg = self.optim_cfg
         fused = self.device.type == "cuda"
-        opt = torch.optim.AdamW(param_groups(self.model, cfg.weight_decay), lr=cfg.lr,
+        # decay decided on the unwrapped model (configure_model), matched by name here, after
+        # FSDP / checkpointing may have wrapped the blocks and flattened their parameters
+        groups = param_groups(self.model, cfg.weight_decay, self.decay)
+        opt = torch.optim.AdamW(groups, lr=cfg.lr,
                                 betas=(cfg.beta1, cfg.beta2), fused=fused)
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, _Schedule(cfg.warmup_steps, self.hparams.max_steps, cfg.min_lr_ratio))
