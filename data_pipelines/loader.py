@@ -16,12 +16,13 @@ Design (after open_clip's webdataset pipeline):
 - Disjoint streams: the shard list is split by rank, then by worker (there must be at
   least ranks x workers shards), so no two ranks or workers ever read the same shard.
 - Seeds come from ``(seed, rank, worker, epoch)``: every epoch's stream is a pure function
-  of them. That is what makes resume exact: a checkpoint records how many batches the rank
-  had taken (``state_dict``), and a resumed run replays the epoch it stopped in from that
-  epoch's seed, computing but not yielding the batches already trained on (at most one
-  epoch of reading), so from the checkpoint's step on it sees the batches an uninterrupted
-  run would have seen, reservoirs, packer and RNG included. Each worker skips its own share:
-  the DataLoader takes batches from its workers in turn.
+  of them, and batch g of a rank's stream is batch ``g % len`` of epoch ``g // len``, made
+  by worker ``g % workers``. That is what makes resume exact: the trainer tells the stream
+  how many batches the rank has taken (``set_start``) before every epoch, and a resumed run
+  replays the epoch it stopped in from that epoch's seed, computing but not yielding the
+  batches already trained on (at most one epoch of reading), so from the checkpoint's step
+  on it sees the batches an uninterrupted run would have seen, reservoirs, packer and RNG
+  included, whatever Lightning does with its epoch count (``plan``).
 - Every worker yields exactly ``batches_per_epoch / num_workers`` batches per epoch on
   every rank (the stream is resampled, so it never runs dry): DDP never hangs at the end
   of an epoch waiting for a rank with fewer batches.
@@ -32,10 +33,23 @@ Design (after open_clip's webdataset pipeline):
   raw samples per emitted one, so a rare task (55 control episodes among 22k samples) is
   reused often instead of forcing the reader through the whole dataset to find it —
   the same statistics as resampling its shards, at the I/O cost of the common tasks.
-- Bad data is skipped and counted per reason (``stats``, attached to every batch); when
-  more than ``max_bad_fraction`` of what a shard held fails, a ``DataError`` names it.
+- Bad data is skipped and counted per reason (``stats``, attached to every batch; they
+  reach the logs as ``data/skipped_*``). A shard is judged per worker: when more than
+  ``max_bad_fraction`` of the samples read from it (at least 20) fail, or it cannot be
+  opened at all, it is skipped: one ``warning: skipping damaged shard ...`` line on stderr,
+  ``skipped_shards`` counts it, and no worker reads it again in this run (the flags live in
+  shared memory, so later epochs' workers see them; its samples already in the reservoirs
+  are still drawn, and its bad ones are dropped and counted as they come up). A worker
+  stops with a ``DataError`` only when more than ``StreamDataset.MAX_BAD_SHARE`` (25%) of
+  everything it read in the epoch failed, once it has read ``max(MIN_READS_FOR_SHARE, 4 x
+  shuffle_buffer)`` samples (a damaged shard read first fills the reservoirs with bad
+  samples that surface only later), or when every one of its shards was skipped.
   No member is ever unpickled: only json, npy (allow_pickle=False) and raw bytes for the
   image/audio tokenizers are decoded; other members are dropped.
+- Validation (``split_by="samples"``) needs no shard per rank x worker: every rank and
+  worker reads every shard of the split and keeps every ``world_size x workers``-th sample
+  of each (by position in the shard), so the parts are disjoint and together the whole
+  split, on any world size, with one val shard.
 """
 from __future__ import annotations
 
@@ -43,6 +57,7 @@ import glob
 import io
 import json
 import os
+import sys
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -103,9 +118,11 @@ class DataConfig:
     batches_per_epoch: int = 200
     """Batches every rank yields per epoch (rounded up to a multiple of num_workers)."""
     max_bad_fraction: float = 0.05
-    """Stop when more than this share of a shard's samples fail to decode."""
+    """Skip a shard for the rest of the run when more than this share of its samples read (at least 20) fail to decode."""
     demo_recipe: str = "demo"
     """Recipe `python train.py` builds into `shards` when that folder is missing."""
+    tokenizer_settings: dict | None = None
+    """Settings of the image/audio/value/action tokenizers over the manifest's, key by key, e.g. {"audio": {"max_seconds": 10}}."""
 
 
 def resolve_shards(path: str, split: str) -> tuple[list[str], dict | None]:
@@ -203,10 +220,20 @@ class StreamDataset(IterableDataset):
         toks: the tokenizers of the run.
         tasks: task names to train on, in the order that ``Batch.task`` indexes.
         rank, world_size: this process's place (defaults: torch.distributed, else 0 of 1).
+        split: the split to read (default ``cfg.split``).
+        split_by: ``"shards"`` (training: disjoint shards per rank x worker, at least one
+            each) or ``"samples"`` (validation: every rank x worker reads every shard and
+            keeps its every ``world_size x workers``-th sample; any number of shards >= 1).
     """
 
+    MAX_BAD_SHARE = 0.25
+    """A worker stops (DataError) when more than this share of the samples it read failed."""
+    MIN_READS_FOR_SHARE = 200
+    """... once it has read at least max(this, 4 x shuffle_buffer) samples in this epoch."""
+
     def __init__(self, cfg: DataConfig, toks: Tokenizers, tasks: list[str],
-                 rank: int | None = None, world_size: int | None = None, split: str | None = None):
+                 rank: int | None = None, world_size: int | None = None, split: str | None = None,
+                 split_by: str = "shards"):
         self.cfg, self.toks, self.tasks = cfg, toks, list(tasks)
         self.task_index = {t: i for i, t in enumerate(self.tasks)}
         self.split = split or cfg.split
@@ -218,17 +245,35 @@ class StreamDataset(IterableDataset):
             world_size = torch.distributed.get_world_size() if dist else int(os.environ.get("WORLD_SIZE", 1))
         self.rank, self.world_size = rank, world_size or 1
         workers = max(1, cfg.num_workers)
-        if len(self.urls) < self.world_size * workers:
+        if split_by not in ("shards", "samples"):
+            raise ValueError(f"split_by must be 'shards' or 'samples', got {split_by!r}")
+        self.split_by = split_by
+        if not self.urls:
+            raise DataError(f"{cfg.shards} has no shards for split {self.split!r}")
+        if split_by == "shards" and len(self.urls) < self.world_size * workers:
             raise DataError(f"{len(self.urls)} shards cannot feed {self.world_size} ranks x {workers} "
                             f"workers without two of them reading the same shard; write more, smaller "
                             f"shards or use fewer workers")
-        self.epoch = torch.multiprocessing.Value("i", 0)  # shared with workers, as open_clip does
-        self.resume_batches = 0  # batches this rank had taken when the run was checkpointed
+        # shards found damaged, by index in self.urls: shared memory, so the workers of later
+        # epochs (forked from this object) never read one again in this run
+        self.skipped_flags = torch.multiprocessing.Array("b", len(self.urls), lock=False)
+        self._url_index = {u: i for i, u in enumerate(self.urls)}
+        self._last_skip: str | None = None
+        # the rank's batch index the next iteration starts at: shared with the workers (as
+        # open_clip shares its epoch), set by the trainer before every epoch
+        self.start = torch.multiprocessing.Value("q", 0)
+
+    def set_start(self, batches_taken: int) -> None:
+        """The next iteration continues the stream after ``batches_taken`` batches."""
+        self.start.value = batches_taken
 
     def set_epoch(self, epoch: int) -> None:
-        self.epoch.value = epoch
+        """The next iteration is stream epoch ``epoch``, from its first batch."""
+        self.start.value = epoch * len(self)
 
     def worker_shards(self, worker: int, num_workers: int) -> list[str]:
+        if self.split_by == "samples":  # everyone reads every shard, keeps its own samples
+            return list(self.urls)
         return self.urls[self.rank::self.world_size][worker::num_workers]
 
     def batches_per_worker(self, num_workers: int) -> int:
@@ -245,40 +290,118 @@ class StreamDataset(IterableDataset):
                 "batches_per_epoch": len(self), "batch_size": c.batch_size, "seq_len": c.seq_len,
                 "shards": len(self.urls), "first_shard": os.path.basename(self.urls[0]) if self.urls else None}
 
-    def skip_for(self, worker: int, num_workers: int) -> int:
-        """Batches ``worker`` computes but does not yield in this epoch: its share of the
-        ``resume_batches`` already trained on, when this is the epoch the run stopped in."""
-        done = self.resume_batches - self.epoch.value * len(self)
-        if not 0 < done < len(self):
-            return 0
-        return len(range(worker, done, num_workers))  # the DataLoader takes worker 0, 1, ..., 0, 1, ...
+    def plan(self, worker: int, num_workers: int) -> tuple[int, int, int]:
+        """(stream epoch, role, skip) of DataLoader worker ``worker`` for the next iteration.
+
+        Batch g of the rank's stream is batch ``g % len`` of stream epoch ``g // len``, and
+        stream worker r makes batches r, r + n, r + 2n, ... of each epoch. An iteration that
+        starts at g (``start``: mid-epoch after a resume) makes DataLoader worker j play
+        stream worker ``(g + j) % n`` (the DataLoader takes its workers 0, 1, ... in turn, so
+        its first batch is g) and compute, but not yield, that role's batches before g. The
+        iteration ends with the stream epoch, whatever number Lightning gives its epoch."""
+        n, per_epoch = num_workers, len(self)
+        epoch, done = divmod(self.start.value, per_epoch)
+        role = (done + worker) % n
+        return epoch, role, len(range(role, done, n))
 
     def __iter__(self) -> Iterator[Batch]:
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
-        seed = [self.cfg.seed or 0, self.rank, worker, self.epoch.value]
-        yield from self.stream(worker, num_workers, np.random.default_rng(seed),
-                               self.batches_per_worker(num_workers), skip=self.skip_for(worker, num_workers))
+        epoch, role, skip = self.plan(worker, num_workers)
+        seed = [self.cfg.seed or 0, self.rank, role, epoch]
+        yield from self.stream(role, num_workers, np.random.default_rng(seed),
+                               self.batches_per_worker(num_workers), skip=skip)
 
     def samples(self, urls: list[str], rng: np.random.Generator, stats: Counter) -> Iterator[dict]:
-        """Raw samples from ``urls`` in a seeded endless order, failures counted per shard."""
+        """Raw samples from ``urls`` in a seeded endless order, failures counted per shard.
+
+        Yields ``(raw, per_shard)``: ``per_shard`` counts what was read from and failed in
+        that shard in this stream (``_bad`` judges it). Skipped shards are left out, from
+        the moment they are judged, in this epoch and every later one. With
+        ``split_by="samples"`` only this rank x worker's samples of each shard are kept.
+        """
+        errors: list[Exception] = []
+
         def handler(exn: Exception) -> bool:
             stats["truncated_or_unreadable_tar"] += 1
+            errors.append(exn)
             return True
 
+        stride, slot = self._sample_slot()
+        per_url: dict[str, Counter] = {}
+        stats["skipped_shards"] = sum(self._is_skipped(u) for u in urls)
         while True:
-            read_before = stats["read"]
-            for url in rng.permutation(urls):
-                per_shard = Counter()
-                if not tar_looks_complete(str(url)):
+            read_before, held = stats["read"], 0
+            live = [u for u in urls if not self._is_skipped(u)]
+            if not live:
+                raise DataError(f"all {len(urls)} shards of this worker were skipped as damaged "
+                                f"(the last: {self._last_skip or urls[-1]})")
+            for url in rng.permutation(live):
+                url = str(url)
+                if self._is_skipped(url):  # judged since this pass began
+                    continue
+                per_shard = per_url.setdefault(url, Counter())
+                errors.clear()
+                if not tar_looks_complete(url):
                     stats["truncated_or_unreadable_tar"] += 1  # read what is there; partial members fail to decode
-                for raw in wds.tarfile_to_samples(handler=handler)([{"url": str(url)}]):
+                n, offset = -1, self._url_index.get(url, 0)
+                for n, raw in enumerate(wds.tarfile_to_samples(handler=handler)([{"url": url}])):
+                    if stride > 1 and (n + offset) % stride != slot:
+                        continue  # another rank's or worker's sample
                     per_shard["read"] += 1
                     stats["read"] += 1
+                    self._check_share(stats, urls)
                     yield raw, per_shard
+                    if self._is_skipped(url):  # judged damaged while we read it
+                        break
+                held += n + 1
+                if n < 0 and errors and "://" not in url:
+                    self._skip_shard(url, stats, f"cannot be read ({str(errors[-1]).splitlines()[0][:200]})")
             if stats["read"] == read_before:
+                if held:
+                    raise DataError(f"the {len(live)} shards of split {self.split!r} hold {held} samples, fewer "
+                                    f"than the {stride} ranks x workers that share them by samples")
                 raise DataError(f"none of the {len(urls)} shards of this worker holds a readable "
                                 f"sample (first: {urls[0]})")
+
+    def _sample_slot(self) -> tuple[int, int]:
+        """(stride, slot): this rank x worker keeps sample n of shard i when (n + i) % stride
+        == slot; (1, 0) when the split is by shards."""
+        if self.split_by != "samples":
+            return 1, 0
+        info = get_worker_info()
+        worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
+        return self.world_size * num_workers, self.rank * num_workers + worker
+
+    def _is_skipped(self, url: str) -> bool:
+        i = self._url_index.get(url)
+        return i is not None and bool(self.skipped_flags[i])
+
+    def skipped_shards(self) -> list[str]:
+        """The shards judged damaged so far in this run (by any worker of this rank)."""
+        return [u for u, flag in zip(self.urls, self.skipped_flags) if flag]
+
+    def _skip_shard(self, url: str, stats: Counter, why: str) -> None:
+        """Mark ``url`` damaged: one warning line (from the worker), counted, never read again."""
+        i = self._url_index.get(url)
+        if i is None or self.skipped_flags[i]:
+            return
+        self.skipped_flags[i] = 1
+        stats["skipped_shards"] += 1
+        self._last_skip = f"shard {url}: {why}"
+        print(f"warning: skipping damaged shard {url}: {why}; it is not read again in this run",
+              file=sys.stderr, flush=True)
+
+    def _check_share(self, stats: Counter, urls: list[str]) -> None:
+        """Stop when more than MAX_BAD_SHARE of everything this worker read failed."""
+        read, bad = stats["read"], stats["skipped"]
+        if read < max(self.MIN_READS_FOR_SHARE, 4 * self.cfg.shuffle_buffer) or bad <= self.MAX_BAD_SHARE * read:
+            return
+        n = sum(self._is_skipped(u) for u in urls)
+        last = f" (the last: {self._last_skip})" if self._last_skip else ""
+        raise DataError(f"{bad} of the {read} samples this worker read failed to decode ({bad / read:.0%}), "
+                        f"over the {self.MAX_BAD_SHARE:.0%} limit; {n} of its {len(urls)} shards were skipped "
+                        f"as damaged{last}")
 
     def stream(self, worker: int, num_workers: int, rng: np.random.Generator,
                n_batches: int, skip: int = 0) -> Iterator[Batch]:
@@ -345,9 +468,9 @@ class StreamDataset(IterableDataset):
         stats["skipped"] += 1
         per_shard["bad"] += 1
         if per_shard["read"] >= 20 and per_shard["bad"] > self.cfg.max_bad_fraction * per_shard["read"]:
-            raise DataError(
-                f"shard {raw.get('__url__')}: {per_shard['bad']} of {per_shard['read']} samples read "
-                f"failed to decode (last reason: {reason}), over the {self.cfg.max_bad_fraction:.0%} limit")
+            self._skip_shard(str(raw.get("__url__")), stats,
+                             f"{per_shard['bad']} of {per_shard['read']} samples read failed to decode "
+                             f"(last reason: {reason}), over the {self.cfg.max_bad_fraction:.0%} limit")
 
 
 def make_loader(cfg: DataConfig, toks: Tokenizers, tasks: list[str], rank: int | None = None,

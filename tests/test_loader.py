@@ -42,12 +42,12 @@ def test_stream_is_deterministic_per_seed_and_differs_across_seeds(shard_dir, to
 
 
 def test_a_resumed_stream_continues_the_epoch_where_it_stopped(shard_dir, toks):
-    """resume_batches = batches already trained on: the epoch is replayed from its seed and
+    """set_start(batches already trained on): the epoch is replayed from its seed and
     only the rest is yielded, equal to the uninterrupted stream's rest (one worker here; the
     two-worker case runs end to end in test_resume)."""
     whole = take(StreamDataset(cfg(shard_dir), toks, TASKS, 0, 1))
     ds = StreamDataset(cfg(shard_dir), toks, TASKS, 0, 1)
-    ds.resume_batches = 4
+    ds.set_start(4)
     rest = take(ds)
     assert len(whole) == 6 and len(rest) == 2
     assert all(torch.equal(x.ids, y.ids) and torch.equal(x.targets, y.targets) for x, y in zip(whole[4:], rest))
@@ -56,12 +56,17 @@ def test_a_resumed_stream_continues_the_epoch_where_it_stopped(shard_dir, toks):
     assert len(nxt) == 6 and not torch.equal(nxt[0].ids, whole[0].ids)
 
 
-def test_each_worker_skips_its_own_share_of_the_batches_taken(shard_dir, toks):
+def test_after_a_mid_epoch_start_the_workers_take_turns_from_that_batch(shard_dir, toks):
+    """Stream worker r makes batches r, r+2, ... of an epoch. Started at batch 3 the
+    DataLoader reads its worker 0 first, so that worker plays stream worker 1 (batches 3, 5)
+    and worker 1 plays stream worker 0 (batch 4, after computing 0 and 2)."""
     ds = StreamDataset(cfg(shard_dir, num_workers=2, batches_per_epoch=6), toks, TASKS, 0, 1)
-    ds.resume_batches = 3  # the DataLoader took worker 0, 1, 0
-    assert [ds.skip_for(0, 2), ds.skip_for(1, 2)] == [2, 1]
-    ds.set_epoch(1)
-    assert [ds.skip_for(0, 2), ds.skip_for(1, 2)] == [0, 0]
+    ds.set_start(3)
+    assert [ds.plan(0, 2), ds.plan(1, 2)] == [(0, 1, 1), (0, 0, 2)]
+    ds.set_start(13)  # epoch 2, batch 1
+    assert [ds.plan(0, 2), ds.plan(1, 2)] == [(2, 1, 0), (2, 0, 1)]
+    ds.set_epoch(3)
+    assert [ds.plan(0, 2), ds.plan(1, 2)] == [(3, 0, 0), (3, 1, 0)]
 
 
 def test_two_ranks_two_workers_read_disjoint_shards_and_yield_equal_batch_counts(shard_dir, toks):

@@ -67,6 +67,19 @@ def test_a_killed_run_resumed_from_last_repeats_the_uninterrupted_losses(shard_d
     assert {s: resumed[s] for s in range(at + 1, 17)} == {s: whole[s] for s in range(at + 1, 17)}
 
 
+@pytest.mark.parametrize("workers, stop", [(1, 4), (2, 3), (2, 4), (2, 6)],
+                         ids=["1-worker-epoch-end", "2-workers-odd", "2-workers-epoch-end", "2-workers-mid"])
+def test_resumed_anywhere_the_losses_are_the_uninterrupted_ones(shard_dir, tmp_path, workers, stop):
+    """4 batches an epoch: stopped on an epoch's last batch (where Lightning runs one batch of
+    the next epoch and starts another), or mid-epoch with the workers' turns shifted."""
+    common = ("--evaluate", "false", "--data.num_workers", str(workers), "--ckpt_every", "1000")
+    assert main(tiny_args(shard_dir, tmp_path, "--run_name", "u", "--trainer.max_steps", "9", *common)) == 0
+    assert main(tiny_args(shard_dir, tmp_path, "--run_name", "r", "--trainer.max_steps", str(stop), *common)) == 0
+    assert main(tiny_args(shard_dir, tmp_path, "--run_name", "r", "--trainer.max_steps", "9", "--ckpt_path", "last",
+                          *common)) == 0
+    assert losses(tmp_path / "r") == losses(tmp_path / "u")
+
+
 def test_a_resume_with_another_worker_count_says_the_stream_is_re_split(shard_dir, tmp_path, capsys):
     args = ("--run_name", "w", "--evaluate", "false", "--ckpt_every", "3")
     assert main(tiny_args(shard_dir, tmp_path, *args, "--trainer.max_steps", "3")) == 0

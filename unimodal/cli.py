@@ -39,6 +39,26 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     return tuple(errors)
 
 
+def user_message(e: BaseException) -> str:
+    """The one sentence a user error says, also when it was raised in a DataLoader worker.
+
+    torch re-raises a worker's exception in the main process as the same type built from
+    ``"Caught DataError in DataLoader worker process 0.\nOriginal Traceback (most recent call
+    last):\n ...\nunimodal.data_pipelines.loader.DataError: <the message>"``
+    (``torch._utils.ExceptionWrapper.reraise``); the original message is what follows the
+    last ``<module>.<Name>: `` line of that traceback, and its first line is kept.
+    """
+    import re
+
+    text = str(e)
+    if text.startswith("Caught ") and "\nOriginal Traceback" in text:
+        name = re.escape(type(e).__name__)
+        found = re.findall(rf"^(?:[\w.]+\.)?{name}: (.*)$", text, flags=re.M)
+        if found:
+            return found[-1].strip()
+    return text
+
+
 def _dist_errors() -> tuple[type[BaseException], ...]:
     import torch.distributed as dist
     return tuple(e for e in (getattr(dist, "DistError", None), getattr(dist, "DistBackendError", None),
@@ -86,7 +106,7 @@ def cmd_train(argv: list[str]) -> int:
         print(f"error: {msg} (see python train.py --help)", file=sys.stderr)
         return 2
     result = run(build_config(parser, ns))
-    return 1 if result.get("failed") else 0
+    return 1 if result.get("failed") else result.get("exit_code", 0)
 
 
 def build_config(parser, ns):
@@ -283,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
     except _user_errors() as e:
         if debug:
             raise
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {user_message(e)}", file=sys.stderr)
         return 2
     except (*_dist_errors(), RuntimeError) as e:
         if debug or not _is_peer_failure(e):

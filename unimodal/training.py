@@ -10,6 +10,7 @@ import dataclasses
 import datetime as dt
 import json
 import os
+import signal
 import sys
 import time
 import warnings
@@ -199,8 +200,12 @@ def ensure_data(cfg: TrainConfig) -> None:
             time.sleep(5)
 
 
-def load_tokenizers(shards: str, manifest: dict | None) -> Tokenizers:
-    """The run's tokenizers: sentencepiece models from the shard folder, defaults otherwise."""
+def load_tokenizers(shards: str, manifest: dict | None, overrides: dict | None = None) -> Tokenizers:
+    """The run's tokenizers: the sentencepiece models of the shard folder; the image, audio,
+    value and action settings of the manifest (``tokenizer_settings``; defaults where it has
+    none) with ``overrides`` (``data.tokenizer_settings``) over them key by key; and the action
+    space of every control environment the manifest records. ConfigError (one sentence)
+    for an unknown or refused setting."""
     p = Path(shards)
     # a built folder holds the models; a brace pattern's shards sit in it or in its split folder
     candidates = [p] if p.is_dir() else [p.parent, p.parent.parent]
@@ -209,8 +214,16 @@ def load_tokenizers(shards: str, manifest: dict | None) -> Tokenizers:
     if not text.exists() or not code.exists():
         raise ConfigError(f"{root} lacks text.model/code.model; shards built by `unimodal data build` "
                           f"carry them (train your own with `unimodal tokenizer train`)")
-    settings = (manifest or {}).get("tokenizer_settings", {})
-    return Tokenizers.build(text.read_bytes(), code.read_bytes(), **settings)
+    from unimodal.data_pipelines.control import manifest_action_spaces
+    from unimodal.tokenizers.vocab import merge_settings
+
+    try:
+        settings = merge_settings((manifest or {}).get("tokenizer_settings"), overrides,
+                                  names=("manifest.json's tokenizer_settings", "data.tokenizer_settings"))
+        return Tokenizers.build(text.read_bytes(), code.read_bytes(), **settings,
+                                action_spaces=manifest_action_spaces(manifest))
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 def choose_tasks(cfg: TrainConfig, manifest: dict | None) -> list[str]:
@@ -259,17 +272,36 @@ def _lightning():
 
     class AtomicCheckpointIO(TorchCheckpointIO):
         """Checkpoints written to a temp file, fsynced, then renamed: a kill never leaves a
-        truncated checkpoint. Loads with weights_only=True: nothing in one is ever unpickled."""
+        truncated checkpoint. Loads with weights_only=True: nothing in one is ever unpickled.
+
+        A write that fails (full disk, unwritable folder) removes its temp file, leaves the
+        previous checkpoint of that name as it was, and stops the run with a ConfigError:
+        one ``error:`` line from the CLI, no traceback."""
 
         def save_checkpoint(self, checkpoint, path, storage_options=None):
             path = Path(path)
-            path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-            with open(tmp, "wb") as f:
-                torch.save(checkpoint, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                with open(tmp, "wb") as f:
+                    torch.save(checkpoint, f)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, path)
+            except (OSError, RuntimeError) as e:  # torch's zip writer reports a failed write as RuntimeError
+                with contextlib.suppress(OSError):
+                    tmp.unlink()
+                why = e.strerror if isinstance(e, OSError) and e.strerror else \
+                    (str(e).strip().splitlines() or [type(e).__name__])[0]
+                raise ConfigError(f"cannot write checkpoint {path}: {why[:200]}; the run stops here, the "
+                                  f"previous {path.name} (if any) is untouched: free space or fix the "
+                                  f"folder, then resume with --ckpt_path=last") from e
+            with contextlib.suppress(OSError):  # make the rename itself durable
+                fd = os.open(path.parent, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
 
         def load_checkpoint(self, path, map_location=None, weights_only=True):
             return torch.load(path, map_location=map_location or "cpu", weights_only=True)
@@ -303,8 +335,8 @@ def _lightning():
         def train_dataloader(self):
             loader = make_loader(self.cfg, self.toks, self.tasks)
             ds = self.train_ds = loader.dataset
-            ds.resume_batches = self.batches_taken()
-            if ds.resume_batches and self.trainer.is_global_zero:
+            ds.set_start(self.batches_taken())
+            if ds.start.value and self.trainer.is_global_zero:
                 old = (self.restored or {}).get("layout")
                 if old is None:
                     print("resume: the checkpoint holds no data-stream state (written before exact resume); "
@@ -322,12 +354,12 @@ def _lightning():
         def val_dataloader(self):
             from dataclasses import replace
             from torch.utils.data import DataLoader
-            vcfg = replace(self.cfg, split="val", seed=self.cfg.seed + 1_000_003,
+            vcfg = replace(self.cfg, split="val", seed=(self.cfg.seed or 0) + 1_000_003,
                            batches_per_epoch=self.val_batches, num_workers=0, shuffle_buffer=50)
-            try:
-                ds = StreamDataset(vcfg, self.toks, self.tasks)
-            except DataError:
-                return []
+            # split by samples: every rank reads every val shard and keeps its every
+            # world_size-th sample, so one val shard validates any world size. A split that
+            # cannot feed validation is a DataError (one line), never validation quietly off.
+            ds = StreamDataset(vcfg, self.toks, self.tasks, split_by="samples")
             return DataLoader(ds, batch_size=None, num_workers=0)
 
     class LaunchTimer(Timer):
@@ -339,12 +371,15 @@ def _lightning():
             pass
 
     class EpochCallback(L.Callback):
-        """Tells the stream the epoch (a shared value the workers read, as open_clip does)."""
+        """Tells the stream where it stands (a shared value the workers read, as open_clip
+        shares its epoch)."""
 
         def on_train_epoch_start(self, trainer, pl_module):
             dm = trainer.datamodule
             if dm is not None and dm.train_ds is not None:
-                dm.train_ds.set_epoch(trainer.current_epoch)
+                # by batches taken, not by Lightning's epoch number: resumed on an epoch's last
+                # batch, Lightning runs one batch in the next epoch, then starts another
+                dm.train_ds.set_start(dm.batches_taken())
 
     class PrintCallback(L.Callback):
         """One plain line per log interval: step, loss, lr, tokens/s, MFU, data counters; and
@@ -394,9 +429,25 @@ def make_logger(cfg: TrainConfig, run_dir: Path, resolved: dict):
         if not has_login:
             os.environ["WANDB_MODE"] = "offline"
     os.environ.setdefault("WANDB_SILENT", "true")
+    # one W&B run per training: the id is kept in the run folder, and a resumed, requeued or
+    # restarted launch logs into the same run
+    id_file = run_dir / "wandb_id"
+    if is_rank_zero() and not id_file.exists():
+        import uuid
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(id_file, uuid.uuid4().hex[:8])  # W&B's own ids: 8 of [0-9a-z]
+    run_id = id_file.read_text().strip() if id_file.exists() else None
     logger = WandbLogger(project=cfg.wandb_project, name=cfg.run_name, save_dir=str(run_dir),
-                         config=resolved, log_model=False)
+                         config=resolved, log_model=False, id=run_id, resume="allow" if run_id else None)
     return logger
+
+
+def slurm_plugin() -> list:
+    """Under SLURM, its environment without Lightning's requeue handler: callbacks.Preemption
+    checkpoints to last.ckpt and requeues instead (Lightning's wrote hpc_ckpt_N.ckpt, which
+    `--ckpt_path=last` never resumed from)."""
+    from lightning.pytorch.plugins.environments import SLURMEnvironment
+    return [SLURMEnvironment(auto_requeue=False)] if SLURMEnvironment.detect() else []
 
 
 def make_strategy(cfg: TrainerConfig):
@@ -408,16 +459,71 @@ def make_strategy(cfg: TrainerConfig):
     if cfg.strategy == "fsdp":
         from lightning.pytorch.strategies import FSDPStrategy
         from unimodal.model import Block
-        return FSDPStrategy(auto_wrap_policy={Block}, timeout=timeout,
-                            activation_checkpointing_policy={Block} if cfg.activation_checkpointing else None,
-                            sharding_strategy="FULL_SHARD", state_dict_type="full")
+
+        class CPUFSDPStrategy(FSDPStrategy):
+            """FSDP in CPU processes over gloo (tests/test_fsdp.py). Lightning refuses an
+            FSDPStrategy without CUDA (it checks the exact type, so a subclass passes) and gives
+            torch's FSDP device_id=None there, which torch refuses ("FSDP needs a non-CPU
+            accelerator device"); with device_id=cpu, torch's FSDP runs on gloo. Full state
+            dicts are gathered without offload_to_cpu: with the parameters on the CPU already,
+            torch's offload frees the very storage it "copied" to, and reading it segfaults."""
+
+            def _full(self):
+                from torch.distributed.fsdp import FullOptimStateDictConfig, FullStateDictConfig, StateDictType
+                from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+                return FSDP.state_dict_type(self.model, StateDictType.FULL_STATE_DICT,
+                                            FullStateDictConfig(offload_to_cpu=False, rank0_only=True),
+                                            FullOptimStateDictConfig(offload_to_cpu=False, rank0_only=True))
+
+            def lightning_module_state_dict(self):
+                with self._full():
+                    return self.model.state_dict()
+
+            def optimizer_state(self, optimizer):
+                from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+                from torch.distributed.fsdp import OptimStateKeyType
+                optimizer = getattr(optimizer, "_optimizer", optimizer)  # a LightningOptimizer's
+                with self._full():  # as Lightning's, for state_dict_type "full"
+                    state = FSDP.optim_state_dict(self.model, optimizer)
+                    if self.global_rank == 0:
+                        state = FSDP.rekey_optim_state_dict(state, OptimStateKeyType.PARAM_ID, self.model)
+                    return state
+
+            def _setup_model(self, model):
+                from torch.distributed.fsdp import FullyShardedDataParallel
+                if not any(isinstance(m, FullyShardedDataParallel) for m in model.modules()):
+                    model = FullyShardedDataParallel(
+                        module=model, cpu_offload=self.cpu_offload, mixed_precision=self.mixed_precision_config,
+                        sharding_strategy=self.sharding_strategy, device_id=torch.device("cpu"), **self.kwargs)
+                policy = self.kwargs.pop("auto_wrap_policy", None)  # applied: Lightning would warn, then drop it
+                try:  # the rest as Lightning does it (activation checkpointing)
+                    return super()._setup_model(model)
+                finally:
+                    if policy is not None:
+                        self.kwargs["auto_wrap_policy"] = policy
+
+        cpu = cfg.accelerator == "cpu" or (cfg.accelerator == "auto" and not torch.cuda.is_available())
+        return (CPUFSDPStrategy if cpu else FSDPStrategy)(
+            auto_wrap_policy={Block}, timeout=timeout,
+            activation_checkpointing_policy={Block} if cfg.activation_checkpointing else None,
+            sharding_strategy="FULL_SHARD", state_dict_type="full")
     if cfg.strategy == "auto":
         return "auto"
     raise ConfigError(f"unknown strategy {cfg.strategy!r}; use auto, ddp or fsdp")
 
 
 def run(cfg: TrainConfig) -> dict:
-    """Train (and evaluate) one run; returns {'run_dir', 'ckpt', 'eval'}."""
+    """Train (and evaluate) one run; returns {'run_dir', 'ckpt', 'eval', 'failed', 'stopped'}
+    (and 'exit_code' after a signal). The W&B run is finished on the way out, so the next
+    run of the same process (the experiment's arms, a test) gets its own."""
+    try:
+        return _run(cfg)
+    finally:
+        if cfg.logger and "wandb" in sys.modules and sys.modules["wandb"].run is not None:
+            sys.modules["wandb"].finish()
+
+
+def _run(cfg: TrainConfig) -> dict:
     L, AtomicCheckpointIO, StreamDataModule, EpochCallback, PrintCallback, LaunchTimer = _lightning()
     quiet_known_warnings()
     from lightning.pytorch.callbacks import ModelCheckpoint
@@ -432,14 +538,23 @@ def run(cfg: TrainConfig) -> dict:
     else:
         torch.set_float32_matmul_precision("high")
     out_dir = Path(cfg.out_dir)
+    restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))  # torchrun --max-restarts
     if cfg.ckpt_path == "last" and cfg.run_name is None and (out_dir / "latest").exists():
         cfg.run_name = os.path.basename(os.readlink(out_dir / "latest"))
-    cfg.run_name = cfg.run_name or os.environ.get("UNIMODAL_RUN_NAME") or dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    elastic_id = os.environ.get("TORCHELASTIC_RUN_ID", "none")
+    cfg.run_name = (cfg.run_name or os.environ.get("UNIMODAL_RUN_NAME")
+                    # under torchrun, a name every rank and every restart of the job agrees on
+                    or (f"torchrun-{elastic_id}" if elastic_id != "none" else None)
+                    or dt.datetime.now().strftime("%Y%m%d-%H%M%S"))
     run_dir = out_dir / cfg.run_name
+    if restart and cfg.ckpt_path is None and (run_dir / "checkpoints" / "last.ckpt").exists():
+        cfg.ckpt_path = "last"  # an elastic restart continues the run it restarts
+        if is_rank_zero():
+            print(f"elastic restart {restart}: resuming from {run_dir / 'checkpoints' / 'last.ckpt'}", flush=True)
     ckpt = resolve_ckpt(cfg, run_dir)
     ensure_data(cfg)
     files, manifest = resolve_shards(cfg.data.shards, cfg.data.split)
-    toks = load_tokenizers(cfg.data.shards, manifest)
+    toks = load_tokenizers(cfg.data.shards, manifest, cfg.data.tokenizer_settings)
     tasks = choose_tasks(cfg, manifest)
     mcfg = model_config(cfg, toks)
     if cfg.data.seed is None:  # --seed sets the data order too
@@ -464,8 +579,10 @@ def run(cfg: TrainConfig) -> dict:
     ckpt_cb = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="step-{step:06d}",
                               every_n_train_steps=cfg.ckpt_every, save_last=True, save_top_k=1,
                               monitor="step", mode="max", auto_insert_metric_name=False)
+    from unimodal.callbacks import Preemption
+    preemption = Preemption(run_dir / "checkpoints" / "last.ckpt")
     callbacks = [ckpt_cb, ThroughputCallback(), EpochCallback(),
-                 PrintCallback(tc.log_every_n_steps, run_dir / "train_loss.tsv")]
+                 PrintCallback(tc.log_every_n_steps, run_dir / "train_loss.tsv"), preemption]
     if tc.compile and tc.compile_check:
         from unimodal.compile_check import CompileCheck
         # first: the compile it triggers is not counted as training time by the others
@@ -480,7 +597,7 @@ def run(cfg: TrainConfig) -> dict:
         log_every_n_steps=tc.log_every_n_steps, val_check_interval=tc.val_every_n_steps,
         check_val_every_n_epoch=None, limit_val_batches=tc.val_batches,
         logger=make_logger(cfg, run_dir, resolved), callbacks=callbacks,
-        plugins=[AtomicCheckpointIO()], default_root_dir=str(run_dir),
+        plugins=[AtomicCheckpointIO(), *slurm_plugin()], default_root_dir=str(run_dir),
         enable_progress_bar=sys.stdout.isatty(), enable_model_summary=False,
         num_sanity_val_steps=0, use_distributed_sampler=False,
     )
@@ -502,6 +619,10 @@ def run(cfg: TrainConfig) -> dict:
         print(f"rank {trainer.global_rank}/{trainer.world_size}: parameter checksum {checksum:.10e} "
               f"at step {trainer.global_step}", flush=True)
     result = {"run_dir": str(run_dir), "ckpt": str(last), "eval": None, "failed": None, "stopped": None}
+    if preemption.stopped:  # checkpointed at the signal's step: no evaluation, the job is going
+        result["stopped"] = {"reason": f"signal {preemption.stopped['signal']}", **preemption.stopped}
+        result["exit_code"] = 0 if preemption.stopped["requeued"] else 128 + int(getattr(signal, preemption.stopped["signal"]))
+        return result
     if (trainer.global_step < tc.max_steps and module.stopped_nonfinite is None
             and not trainer.interrupted and tc.max_minutes):
         result["stopped"] = {"reason": "time limit", "max_minutes": tc.max_minutes,
