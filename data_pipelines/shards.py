@@ -56,6 +56,7 @@ from types import ModuleType
 from typing import Any, Iterable
 
 import numpy as np
+from unimodal.tokenizers.files import atomic_write_text
 
 FORMAT_VERSION = 1
 SPLITS = ("train", "val", "test")
@@ -494,7 +495,5 @@ def _build_into(mod: ModuleType, recipe: str, tmp: Path, limit: int | None, prog
         "build_seconds": round(time.time() - t0, 1),
         "extra": mod.manifest_extra() if hasattr(mod, "manifest_extra") else {},
     }
-    part = tmp / "manifest.json.tmp"
-    part.write_text(json.dumps(manifest, indent=1, ensure_ascii=False) + "\n")
-    os.replace(part, tmp / "manifest.json")
+    atomic_write_text(tmp / "manifest.json", json.dumps(manifest, indent=1, ensure_ascii=False) + "\n")
     return manifest

@@ -21,7 +21,7 @@ import numpy as np
 from unimodal.tokenizers.action import ActionSpace
 from unimodal.tokenizers.audio import ClipTooLong
 from unimodal.tokenizers.base import Span
-from unimodal.tokenizers.vocab import SEP, Tokenizers, special
+from unimodal.tokenizers.vocab import Tokenizers, special
 
 LANGS = {"en": "english", "fr": "french", "de": "german", "es": "spanish", "nl": "dutch"}
 

@@ -36,7 +36,6 @@ import io
 import os
 import re
 import sys
-import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,6 +45,7 @@ import numpy as np
 import sentencepiece as spm
 
 from .base import Span, Tokenizer
+from .files import atomic_write
 
 KINDS = ("text", "code")
 SPACE = "\u2581"  # sentencepiece's escaped space
@@ -189,16 +189,8 @@ class SentencePieceTokenizer(Tokenizer):
 
     def save(self, path: str | os.PathLike) -> None:
         """Write ``model_proto`` to ``path`` atomically (temp file, then rename)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(self.model_proto)
-            os.replace(tmp, path)
-        except BaseException:
-            os.unlink(tmp)
-            raise
+        with atomic_write(path, "wb") as f:
+            f.write(self.model_proto)
 
 
 def _read_lines(paths: list[Path], kind: str) -> list[str]:

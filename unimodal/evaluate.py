@@ -34,16 +34,15 @@ import json
 import math
 import os
 import sys
-import tempfile
 import time
 from collections import Counter, defaultdict
-from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 
 from unimodal.data_pipelines import control as ctl
+from unimodal.tokenizers.files import atomic_write
 from unimodal.data_pipelines.loader import iter_split, resolve_shards
 from unimodal.data_pipelines.packing import sample_length
 from unimodal.data_pipelines.tasks import BadSample, Control, get_task
@@ -525,17 +524,6 @@ def write_json(results: dict, path: str | os.PathLike) -> None:
     model, e.g. the bits per byte of NaN logits; or an infinity) is written as null, so the
     file is strict JSON that any reader parses and every metric is a number or null.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(_json_safe(results), f, indent=1, ensure_ascii=False)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    with atomic_write(path) as f:
+        json.dump(_json_safe(results), f, indent=1, ensure_ascii=False)
+        f.write("\n")

@@ -17,6 +17,7 @@ import datetime as dt
 import json
 import os
 from pathlib import Path
+from unimodal.tokenizers.files import atomic_write
 
 # (metric, how to read it) per task family; code is scored as compression against the
 # unigram baseline (baseline bits / model bits), so higher is better everywhere
@@ -147,7 +148,6 @@ def plot(rows: list[dict], path: Path) -> None:
     ax.set_title("one architecture, every task")
     ax.legend()
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
-    fig.savefig(tmp, dpi=120)
+    with atomic_write(path, "wb") as f:
+        fig.savefig(f, format="png", dpi=120)
     plt.close(fig)
-    os.replace(tmp, path)

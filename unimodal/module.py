@@ -18,9 +18,8 @@
 from __future__ import annotations
 
 import math
-import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import lightning as L
 import torch

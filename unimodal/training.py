@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from unimodal.data_pipelines.loader import DataConfig, DataError, StreamDataset, make_loader, resolve_shards
+from unimodal.tokenizers.files import atomic_write, atomic_write_text
 from unimodal.data_pipelines.tasks import get_task
 from unimodal.model import ModelConfig
 from unimodal.module import OptimConfig
@@ -162,12 +163,6 @@ def is_rank_zero() -> bool:
         int(os.environ.get("LOCAL_RANK", 0)) == 0
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def point_latest(out_dir: Path, run_name: str) -> None:
     """Atomically make out_dir/latest a symlink to the run."""
     link = out_dir / "latest"
@@ -280,28 +275,15 @@ def _lightning():
 
         def save_checkpoint(self, checkpoint, path, storage_options=None):
             path = Path(path)
-            tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
             try:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                with open(tmp, "wb") as f:
+                with atomic_write(path, "wb", durable=True) as f:
                     torch.save(checkpoint, f)
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.replace(tmp, path)
             except (OSError, RuntimeError) as e:  # torch's zip writer reports a failed write as RuntimeError
-                with contextlib.suppress(OSError):
-                    tmp.unlink()
                 why = e.strerror if isinstance(e, OSError) and e.strerror else \
                     (str(e).strip().splitlines() or [type(e).__name__])[0]
                 raise ConfigError(f"cannot write checkpoint {path}: {why[:200]}; the run stops here, the "
                                   f"previous {path.name} (if any) is untouched: free space or fix the "
                                   f"folder, then resume with --ckpt_path=last") from e
-            with contextlib.suppress(OSError):  # make the rename itself durable
-                fd = os.open(path.parent, os.O_RDONLY)
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
 
         def load_checkpoint(self, path, map_location=None, weights_only=True):
             return torch.load(path, map_location=map_location or "cpu", weights_only=True)
