@@ -211,9 +211,8 @@ def test_val_is_split_by_samples_so_one_val_shard_feeds_two_ranks(shard_dir, tok
 
 
 def test_val_dataloader_validates_on_two_ranks_or_refuses_in_one_line(shard_dir, toks, tmp_path, monkeypatch):
-    from unimodal.training import _lightning
+    from unimodal.datamodule import StreamDataModule
 
-    StreamDataModule = _lightning()[2]
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("WORLD_SIZE", "4")
     dm = StreamDataModule(cfg(shard_dir, num_workers=1), toks, TASKS, val_batches=2)

@@ -1,29 +1,32 @@
-"""Everything `python train.py` does: config, data, Trainer, checkpoints, logging, evaluation.
+"""The launch: what `python train.py` does with a TrainConfig, from the data to eval.json.
 
 The same entry runs on a laptop CPU, one GPU, or many nodes (torchrun / SLURM): devices,
-nodes, precision and strategy come from the config; the model never knows.
+nodes, precision and strategy come from the config; the model never knows. One job per
+file around it: unimodal/config.py (the configuration), unimodal/datamodule.py (the
+streams), unimodal/callbacks.py (checkpoint I/O, preemption, the timer, the printed line),
+unimodal/compile_check.py; the names of config.py stay importable from here.
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
 import datetime as dt
-import json
 import os
 import signal
 import sys
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
-from unimodal.data_pipelines.loader import DataConfig, DataError, StreamDataset, make_loader, resolve_shards
-from unimodal.tokenizers.files import atomic_write, atomic_write_text
+from unimodal.config import (ConfigError, TrainConfig, TrainerConfig, cpu_has_bf16,  # noqa: F401 (re-exported)
+                             resolve_precision, to_dict)
+from unimodal.data_pipelines.loader import DataConfig, DataError, resolve_shards
 from unimodal.data_pipelines.tasks import get_task
 from unimodal.model import ModelConfig
-from unimodal.module import OptimConfig
+from unimodal.tokenizers.files import atomic_write_text
 from unimodal.tokenizers.vocab import Tokenizers
 
 
@@ -55,108 +58,7 @@ def configure_cpu(keep_memory: bool = True) -> None:
         keep_freed_memory()
 
 
-class ConfigError(ValueError):
-    """A setting a person chose cannot work (one clear sentence)."""
-
-
-@dataclass
-class TrainerConfig:
-    """Devices, precision, parallelism and the loop's length (Lightning Trainer settings)."""
-
-    max_steps: int = 1450
-    """Optimiser steps to train for."""
-    max_minutes: float | None = 12.5
-    """Stop after this many minutes of training in this launch, whatever the step (None: no
-    limit; a resumed run gets the whole budget again). The GPU presets set None."""
-    accelerator: str = "auto"
-    """cpu, gpu/cuda, or auto."""
-    devices: int | str = "auto"
-    """Devices per node (int or 'auto')."""
-    num_nodes: int = 1
-    """Nodes in the job (torchrun --nnodes / SLURM --nodes)."""
-    strategy: str = "auto"
-    """auto, ddp or fsdp (FSDP wraps each transformer block)."""
-    precision: str = "auto"
-    """auto (bf16-mixed on GPUs and on CPUs with bf16 matrix units, else 32-true) or any Lightning precision."""
-    gradient_clip_val: float = 1.0
-    """Clip the global gradient norm to this (0 disables)."""
-    accumulate_grad_batches: int = 1
-    """Micro-batches per optimiser step."""
-    log_every_n_steps: int = 25
-    """Log (and print) metrics every this many steps."""
-    val_every_n_steps: int = 500
-    """Validate every this many steps (and at the end)."""
-    val_batches: int = 8
-    """Batches of the validation stream per validation."""
-    compile: bool = True
-    """torch.compile each transformer block (~20 s of compiling; 1.2-1.4x faster steps on this CPU)."""
-    activation_checkpointing: bool = False
-    """Recompute block activations in backward (saves memory, costs ~30% compute)."""
-    timeout_s: int = 600
-    """Seconds a rank waits in a collective before the job fails (a dead rank never hangs the others)."""
-    nonfinite_stop: int = 10
-    """Stop the run (exit 1) after this many optimiser steps in a row with a non-finite loss or
-    gradient; each such step is skipped and counted. 0: never stop."""
-    compile_check: bool = True
-    """With compile on a CPU: check one compiled step against the eager one when training
-    starts and fall back (math -> sdpa kernel -> eager blocks) if it is broken on this CPU."""
-
-
-@dataclass
-class TrainConfig:
-    """A training run. Every field can be set in a YAML file (--config) or as --a.b=value."""
-
-    run_name: str | None = None
-    """Name of the run directory under out_dir (default: the start time)."""
-    out_dir: str = "runs"
-    """Where runs/<run_name>/ (checkpoints, config.yaml, eval.json) and runs/latest go."""
-    seed: int = 0
-    """Seed of the model init and the data stream."""
-    model: ModelConfig = field(default_factory=ModelConfig)
-    """The decoder (vocab_size, continuous dims and max_seq_len are set from the data)."""
-    data: DataConfig = field(default_factory=DataConfig)
-    """Shards, mixture and packing."""
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    """AdamW and its schedule."""
-    trainer: TrainerConfig = field(default_factory=TrainerConfig)
-    """Devices, precision, parallelism, loop length."""
-    tasks: list[str] | None = None
-    """Tasks to train on (default: every task of the train split, held-out ones excluded)."""
-    ckpt_every: int = 250
-    """Save a checkpoint every this many steps (and at the end)."""
-    ckpt_path: str | None = None
-    """Resume from 'last' (this run's last.ckpt, or runs/latest's) or a checkpoint file."""
-    logger: bool = True
-    """Log to Weights & Biases (offline without an API key; WANDB_MODE is honoured)."""
-    wandb_project: str = "unimodal"
-    """W&B project name."""
-    evaluate: bool = True
-    """Evaluate on the test split at the end and write eval.json."""
-    eval_max_samples: int | None = 200
-    """Cap on evaluated samples per task (None: the whole split)."""
-    eval_episodes: int = 20
-    """Closed-loop episodes per control task in the final evaluation."""
-
-
 # ----------------------------------------------------------------------------- helpers
-
-def cpu_has_bf16() -> bool:
-    """Whether this CPU multiplies bf16 matrices natively (AMX or AVX512-BF16)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "amx_bf16" in flags or "avx512_bf16" in flags
-
-
-def resolve_precision(precision: str, accelerator: str) -> str:
-    if precision != "auto":
-        return precision
-    on_gpu = torch.cuda.is_available() and accelerator in ("auto", "gpu", "cuda")
-    if on_gpu:
-        return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
-    return "bf16-mixed" if cpu_has_bf16() else "32-true"
-
 
 def is_rank_zero() -> bool:
     return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", 0))) == 0 and \
@@ -256,148 +158,6 @@ def resolve_ckpt(cfg: TrainConfig, run_dir: Path) -> str | None:
     if not Path(cfg.ckpt_path).exists():
         raise ConfigError(f"checkpoint {cfg.ckpt_path} does not exist")
     return cfg.ckpt_path
-
-
-# ----------------------------------------------------------------------------- Lightning parts
-
-def _lightning():
-    import lightning as L
-    from lightning.pytorch.callbacks import Timer
-    from lightning.pytorch.plugins.io import TorchCheckpointIO
-
-    class AtomicCheckpointIO(TorchCheckpointIO):
-        """Checkpoints written to a temp file, fsynced, then renamed: a kill never leaves a
-        truncated checkpoint. Loads with weights_only=True: nothing in one is ever unpickled.
-
-        A write that fails (full disk, unwritable folder) removes its temp file, leaves the
-        previous checkpoint of that name as it was, and stops the run with a ConfigError:
-        one ``error:`` line from the CLI, no traceback."""
-
-        def save_checkpoint(self, checkpoint, path, storage_options=None):
-            path = Path(path)
-            try:
-                with atomic_write(path, "wb", durable=True) as f:
-                    torch.save(checkpoint, f)
-            except (OSError, RuntimeError) as e:  # torch's zip writer reports a failed write as RuntimeError
-                why = e.strerror if isinstance(e, OSError) and e.strerror else \
-                    (str(e).strip().splitlines() or [type(e).__name__])[0]
-                raise ConfigError(f"cannot write checkpoint {path}: {why[:200]}; the run stops here, the "
-                                  f"previous {path.name} (if any) is untouched: free space or fix the "
-                                  f"folder, then resume with --ckpt_path=last") from e
-
-        def load_checkpoint(self, path, map_location=None, weights_only=True):
-            return torch.load(path, map_location=map_location or "cpu", weights_only=True)
-
-    class StreamDataModule(L.LightningDataModule):
-        """Train stream and val stream. The train stream resumes exactly: the checkpoint holds
-        its layout and the batches this rank had taken (``state_dict``); a resumed run with the
-        same layout replays the interrupted epoch up to there (loader.py's docstring), one
-        with another layout (world size, workers, batch, shards) says so in one line and
-        reads a re-split stream from the same position."""
-
-        def __init__(self, cfg: DataConfig, toks: Tokenizers, tasks: list[str], val_batches: int):
-            super().__init__()
-            self.cfg, self.toks, self.tasks, self.val_batches = cfg, toks, tasks, val_batches
-            self.train_ds: StreamDataset | None = None
-            self.counters: dict = {}
-            self.restored: dict | None = None
-
-        def batches_taken(self) -> int:
-            t = self.trainer
-            return t.global_step * t.accumulate_grad_batches if t is not None else 0
-
-        def state_dict(self) -> dict:
-            if self.train_ds is None:
-                return {}
-            return {"layout": self.train_ds.layout(), "batches": self.batches_taken()}
-
-        def load_state_dict(self, state: dict) -> None:
-            self.restored = state or None
-
-        def train_dataloader(self):
-            loader = make_loader(self.cfg, self.toks, self.tasks)
-            ds = self.train_ds = loader.dataset
-            ds.set_start(self.batches_taken())
-            if ds.start.value and self.trainer.is_global_zero:
-                old = (self.restored or {}).get("layout")
-                if old is None:
-                    print("resume: the checkpoint holds no data-stream state (written before exact resume); "
-                          "the stream continues from the same position but not with the same batches", flush=True)
-                elif old != ds.layout():
-                    changed = ", ".join(f"{k} {old.get(k)} -> {v}" for k, v in ds.layout().items() if old.get(k) != v)
-                    print(f"resume: the data stream is re-split ({changed}): from step {self.trainer.global_step} "
-                          f"on, this run reads other batches than an uninterrupted one would", flush=True)
-            mine = ds.urls[ds.rank::ds.world_size]
-            if ds.world_size > 1 or os.environ.get("UNIMODAL_VERBOSE"):
-                print(f"rank {ds.rank}/{ds.world_size}: reads {len(mine)} of {len(ds.urls)} shards: "
-                      f"{', '.join(os.path.basename(u) for u in mine)}", flush=True)
-            return loader
-
-        def val_dataloader(self):
-            from dataclasses import replace
-            from torch.utils.data import DataLoader
-            vcfg = replace(self.cfg, split="val", seed=(self.cfg.seed or 0) + 1_000_003,
-                           batches_per_epoch=self.val_batches, num_workers=0, shuffle_buffer=50)
-            # split by samples: every rank reads every val shard and keeps its every
-            # world_size-th sample, so one val shard validates any world size. A split that
-            # cannot feed validation is a DataError (one line), never validation quietly off.
-            ds = StreamDataset(vcfg, self.toks, self.tasks, split_by="samples")
-            return DataLoader(ds, batch_size=None, num_workers=0)
-
-    class LaunchTimer(Timer):
-        """Lightning's Timer, for the time this launch has trained: Lightning's own restores the
-        elapsed time from the checkpoint, so a requeued job with a time limit stopped again at
-        once, and looped."""
-
-        def load_state_dict(self, state_dict) -> None:
-            pass
-
-    class EpochCallback(L.Callback):
-        """Tells the stream where it stands (a shared value the workers read, as open_clip
-        shares its epoch)."""
-
-        def on_train_epoch_start(self, trainer, pl_module):
-            dm = trainer.datamodule
-            if dm is not None and dm.train_ds is not None:
-                # by batches taken, not by Lightning's epoch number: resumed on an epoch's last
-                # batch, Lightning runs one batch in the next epoch, then starts another
-                dm.train_ds.set_start(dm.batches_taken())
-
-    class PrintCallback(L.Callback):
-        """One plain line per log interval: step, loss, lr, tokens/s, MFU, data counters; and
-        every optimiser step's loss, exactly (``repr``), to ``loss_file`` (rank 0's batches).
-        A resumed run appends: the last line of a step is the one its checkpoint followed."""
-
-        def __init__(self, every: int, loss_file: Path | None = None):
-            self.every = every
-            self.t0 = None
-            self.loss_file = loss_file
-            self._sum, self._n = 0.0, 0
-
-        def on_train_start(self, trainer, pl_module):
-            self.t0 = time.perf_counter()
-
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            step = trainer.global_step
-            if self.loss_file is not None and trainer.is_global_zero and isinstance(outputs, dict):
-                self._sum, self._n = self._sum + float(outputs["loss"]), self._n + 1
-                if (batch_idx + 1) % trainer.accumulate_grad_batches == 0:
-                    with open(self.loss_file, "a") as f:
-                        f.write(f"{step}\t{self._sum / self._n!r}\n")
-                    self._sum, self._n = 0.0, 0
-            if not trainer.is_global_zero or step % self.every or step == getattr(self, "_last", -1):
-                return
-            self._last = step
-            m = trainer.callback_metrics
-            fmt = lambda k, f: (f.format(float(m[k])) if k in m else "-")  # noqa: E731
-            st = batch.stats or {}
-            bad = getattr(pl_module, "nonfinite_steps", 0)
-            print(f"step {step:>6} | loss {fmt('train/loss', '{:.4f}')} | lr {fmt('train/lr', '{:.2e}')} | "
-                  f"tok/s {fmt('perf/tokens_per_s', '{:,.0f}')} | mfu {fmt('perf/mfu', '{:.3f}')} | "
-                  f"pack {batch.efficiency:.2f} | skipped {st.get('skipped', 0)} | "
-                  f"{f'non-finite steps {bad} | ' if bad else ''}{time.perf_counter() - self.t0:.0f}s", flush=True)
-
-    return L, AtomicCheckpointIO, StreamDataModule, EpochCallback, PrintCallback, LaunchTimer
 
 
 def make_logger(cfg: TrainConfig, run_dir: Path, resolved: dict):
@@ -506,7 +266,10 @@ def run(cfg: TrainConfig) -> dict:
 
 
 def _run(cfg: TrainConfig) -> dict:
-    L, AtomicCheckpointIO, StreamDataModule, EpochCallback, PrintCallback, LaunchTimer = _lightning()
+    import lightning as L
+
+    from unimodal.callbacks import AtomicCheckpointIO, EpochCallback, LaunchTimer, Preemption, PrintCallback
+    from unimodal.datamodule import StreamDataModule
     quiet_known_warnings()
     from lightning.pytorch.callbacks import ModelCheckpoint
 
@@ -561,7 +324,6 @@ def _run(cfg: TrainConfig) -> dict:
     ckpt_cb = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="step-{step:06d}",
                               every_n_train_steps=cfg.ckpt_every, save_last=True, save_top_k=1,
                               monitor="step", mode="max", auto_insert_metric_name=False)
-    from unimodal.callbacks import Preemption
     preemption = Preemption(run_dir / "checkpoints" / "last.ckpt")
     callbacks = [ckpt_cb, ThroughputCallback(), EpochCallback(),
                  PrintCallback(tc.log_every_n_steps, run_dir / "train_loss.tsv"), preemption]
@@ -639,7 +401,9 @@ def quiet_known_warnings() -> None:
     """Lightning warnings that do not apply to this design (each one checked)."""
     for pattern in (
         r".*IterableDataset.*has `__len__` defined.*",  # each worker yields exactly its share
-        r".*resuming from a checkpoint that ended before the epoch ended.*",  # stream re-seeded on resume
+        # resume is exact mid-epoch (the stream replays its epoch: tests/test_resume.py), which
+        # is what this warning says it cannot be
+        r".*resuming from a checkpoint that ended before the epoch ended.*",
         r".*overridden `transfer_batch_to_device`.*",  # the module's Batch.to is the one we want
         r".*`isinstance\(treespec, LeafSpec\)` is deprecated.*",
         r".*Checkpoint directory .* exists and is not empty.*",  # resuming into the same run
@@ -652,10 +416,6 @@ def _count_model(mcfg: ModelConfig):
     from unimodal.model import Decoder
     with torch.device("meta"):
         return list(Decoder(mcfg).parameters())
-
-
-def to_dict(cfg) -> dict:
-    return json.loads(json.dumps(asdict(cfg), default=str))
 
 
 def final_evaluation(cfg: TrainConfig, module, toks: Tokenizers, run_dir: Path, trainer,

@@ -1,0 +1,118 @@
+"""What a training run is told: the typed configuration of `python train.py` (every field
+from a YAML file or --a.b=value) and the choices derived from it and the machine."""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from unimodal.data_pipelines.loader import DataConfig
+from unimodal.model import ModelConfig
+from unimodal.module import OptimConfig
+
+
+class ConfigError(ValueError):
+    """A setting a person chose cannot work (one clear sentence)."""
+
+
+@dataclass
+class TrainerConfig:
+    """Devices, precision, parallelism and the loop's length (Lightning Trainer settings)."""
+
+    max_steps: int = 1450
+    """Optimiser steps to train for."""
+    max_minutes: float | None = 12.5
+    """Stop after this many minutes of training in this launch, whatever the step (None: no
+    limit; a resumed run gets the whole budget again). The GPU presets set None."""
+    accelerator: str = "auto"
+    """cpu, gpu/cuda, or auto."""
+    devices: int | str = "auto"
+    """Devices per node (int or 'auto')."""
+    num_nodes: int = 1
+    """Nodes in the job (torchrun --nnodes / SLURM --nodes)."""
+    strategy: str = "auto"
+    """auto, ddp or fsdp (FSDP wraps each transformer block)."""
+    precision: str = "auto"
+    """auto (bf16-mixed on GPUs and on CPUs with bf16 matrix units, else 32-true) or any Lightning precision."""
+    gradient_clip_val: float = 1.0
+    """Clip the global gradient norm to this (0 disables)."""
+    accumulate_grad_batches: int = 1
+    """Micro-batches per optimiser step."""
+    log_every_n_steps: int = 25
+    """Log (and print) metrics every this many steps."""
+    val_every_n_steps: int = 500
+    """Validate every this many steps (and at the end)."""
+    val_batches: int = 8
+    """Batches of the validation stream per validation."""
+    compile: bool = True
+    """torch.compile each transformer block (~20 s of compiling; 1.2-1.4x faster steps on this CPU)."""
+    activation_checkpointing: bool = False
+    """Recompute block activations in backward (saves memory, costs ~30% compute)."""
+    timeout_s: int = 600
+    """Seconds a rank waits in a collective before the job fails (a dead rank never hangs the others)."""
+    nonfinite_stop: int = 10
+    """Stop the run (exit 1) after this many optimiser steps in a row with a non-finite loss or
+    gradient; each such step is skipped and counted. 0: never stop."""
+    compile_check: bool = True
+    """With compile on a CPU: check one compiled step against the eager one when training
+    starts and fall back (math -> sdpa kernel -> eager blocks) if it is broken on this CPU."""
+
+
+@dataclass
+class TrainConfig:
+    """A training run. Every field can be set in a YAML file (--config) or as --a.b=value."""
+
+    run_name: str | None = None
+    """Name of the run directory under out_dir (default: the start time)."""
+    out_dir: str = "runs"
+    """Where runs/<run_name>/ (checkpoints, config.yaml, eval.json) and runs/latest go."""
+    seed: int = 0
+    """Seed of the model init and the data stream."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The decoder (vocab_size, continuous dims and max_seq_len are set from the data)."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Shards, mixture and packing."""
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    """AdamW and its schedule."""
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    """Devices, precision, parallelism, loop length."""
+    tasks: list[str] | None = None
+    """Tasks to train on (default: every task of the train split, held-out ones excluded)."""
+    ckpt_every: int = 250
+    """Save a checkpoint every this many steps (and at the end)."""
+    ckpt_path: str | None = None
+    """Resume from 'last' (this run's last.ckpt, or runs/latest's) or a checkpoint file."""
+    logger: bool = True
+    """Log to Weights & Biases (offline without an API key; WANDB_MODE is honoured)."""
+    wandb_project: str = "unimodal"
+    """W&B project name."""
+    evaluate: bool = True
+    """Evaluate on the test split at the end and write eval.json."""
+    eval_max_samples: int | None = 200
+    """Cap on evaluated samples per task (None: the whole split)."""
+    eval_episodes: int = 20
+    """Closed-loop episodes per control task in the final evaluation."""
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU multiplies bf16 matrices natively (AMX or AVX512-BF16)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def resolve_precision(precision: str, accelerator: str) -> str:
+    if precision != "auto":
+        return precision
+    on_gpu = torch.cuda.is_available() and accelerator in ("auto", "gpu", "cuda")
+    if on_gpu:
+        return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
+    return "bf16-mixed" if cpu_has_bf16() else "32-true"
+
+
+def to_dict(cfg) -> dict:
+    return json.loads(json.dumps(asdict(cfg), default=str))
