@@ -31,6 +31,37 @@ GEN_CODE = ["def f(x):\n", "    return x + 1\n", "for i in range(10):\n", "    p
 GEN_TASKS = ["image.classify", "text.translate.en-fr", "code.complete", "control.cartpole-v1"]
 
 
+def tiny_unimodal(toks, path, tasks, seq_len: int, max_coord: int = 64, **model):
+    """A freshly initialised tiny model of ``toks`` saved as a checkpoint at ``path`` and
+    loaded back as a ``Unimodal`` (seed 0; n_layer 1, n_head 2, d_model 32 unless given)."""
+    from unimodal.generate import Unimodal
+    from unimodal.module import UnimodalModule
+
+    torch.manual_seed(0)
+    cfg = {**dict(vocab_size=toks.vocab.size, n_layer=1, n_head=2, d_model=32, max_seq_len=seq_len,
+                  continuous=toks.continuous_dims, max_coord=max_coord), **model}
+    module = UnimodalModule(model=cfg, optim={}, tasks=tasks, tokenizers=toks.state(),
+                            config={"data": {"seq_len": seq_len}})
+    module.configure_model()
+    torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams),
+                "tokenizers": toks.state()}, path)
+    return Unimodal.from_checkpoint(path)
+
+
+def build_recipe(tmp_path_factory, name: str, mod):
+    """Build the recipe module ``mod`` under ``name`` into a fresh folder, as `unimodal data
+    build` would (the recipe registry patched for the build only): (folder, manifest)."""
+    from unimodal.data_pipelines import shards
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(shards, "recipes", lambda: {name: mod})
+    try:
+        out = tmp_path_factory.mktemp(name) / "data"
+        return out, shards.build(name, out, progress=False, command="pytest")
+    finally:
+        mp.undo()
+
+
 class NanGrad(torch.autograd.Function):
     """Identity forward, NaN gradient backward: a finite loss over a broken backward, as the
     compiled step on the AMX machine was (tests import it: ``from conftest import NanGrad``)."""

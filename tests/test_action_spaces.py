@@ -10,10 +10,9 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import build_recipe
 from unimodal.data_pipelines import control as ctl
-from unimodal.data_pipelines import shards
 from unimodal.data_pipelines.loader import iter_split
-from unimodal.data_pipelines.shards import build
 from unimodal.data_pipelines.tasks import get_task
 from unimodal.tokenizers.vocab import Tokenizers
 
@@ -48,14 +47,7 @@ def _recipe(episodes: int = 7) -> types.ModuleType:
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
-    mp = pytest.MonkeyPatch()
-    mp.setattr(shards, "recipes", lambda: {"mcc": _recipe()})
-    try:
-        out = tmp_path_factory.mktemp("mcc") / "data"
-        manifest = build("mcc", out, progress=False, command="pytest")
-    finally:
-        mp.undo()
-    return out, manifest
+    return build_recipe(tmp_path_factory, "mcc", _recipe())
 
 
 def test_spaces_are_read_from_gymnasium():

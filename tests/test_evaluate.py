@@ -13,6 +13,7 @@ import torch
 import webdataset as wds
 from PIL import Image
 
+from conftest import tiny_unimodal
 from unimodal.data_pipelines import control as ctl
 from unimodal.data_pipelines.shards import encode_sample
 from unimodal.evaluate import (accuracy, code_bits, control_baselines, control_metrics, evaluate,
@@ -21,7 +22,6 @@ from unimodal.evaluate import (accuracy, code_bits, control_baselines, control_m
                                unigram_counts, write_json)
 from unimodal.generate import InputError, Unimodal
 from unimodal.model import ModelConfig
-from unimodal.module import UnimodalModule
 from unimodal.tokenizers.text import train_sentencepiece
 from unimodal.tokenizers.vocab import Tokenizers
 
@@ -38,16 +38,8 @@ def toks():
 
 @pytest.fixture(scope="module")
 def um(toks, tmp_path_factory):
-    torch.manual_seed(0)
-    cfg = dict(vocab_size=toks.vocab.size, n_layer=2, n_head=2, d_model=32, max_seq_len=96,
-               continuous=toks.continuous_dims, max_coord=16)
-    module = UnimodalModule(model=cfg, optim={}, tasks=TASKS, tokenizers=toks.state(),
-                            config={"data": {"seq_len": 96}})
-    module.configure_model()
-    path = tmp_path_factory.mktemp("ckpt") / "tiny.ckpt"
-    torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams),
-                "tokenizers": toks.state()}, path)
-    return Unimodal.from_checkpoint(path)
+    return tiny_unimodal(toks, tmp_path_factory.mktemp("ckpt") / "tiny.ckpt", TASKS, seq_len=96, max_coord=16,
+                         n_layer=2)
 
 
 class ZeroHead(torch.nn.Module):

@@ -9,9 +9,9 @@ import types
 import numpy as np
 import pytest
 import soundfile as sf
-import torch
 from PIL import Image
 
+from conftest import build_recipe, tiny_unimodal
 from unimodal.data_pipelines import shards
 from unimodal.data_pipelines.loader import DataConfig, StreamDataset
 from unimodal.data_pipelines.shards import build
@@ -62,14 +62,7 @@ def _recipe() -> types.ModuleType:
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
-    mp = pytest.MonkeyPatch()
-    mp.setattr(shards, "recipes", lambda: {"settings": _recipe()})
-    try:
-        out = tmp_path_factory.mktemp("settings") / "data"
-        manifest = build("settings", out, progress=False, command="pytest")
-    finally:
-        mp.undo()
-    return out, manifest
+    return build_recipe(tmp_path_factory, "settings", _recipe())
 
 
 def test_recipe_settings_are_written_to_the_manifest(built):
@@ -192,19 +185,7 @@ def test_the_loader_skips_and_counts_long_clips(built):
 
 
 def _tiny_um(toks: Tokenizers, tmp_path, tasks):
-    from unimodal.generate import Unimodal
-    from unimodal.module import UnimodalModule
-
-    torch.manual_seed(0)
-    cfg = dict(vocab_size=toks.vocab.size, n_layer=1, n_head=2, d_model=32, max_seq_len=128,
-               continuous=toks.continuous_dims, max_coord=64)
-    module = UnimodalModule(model=cfg, optim={}, tasks=tasks, tokenizers=toks.state(),
-                            config={"data": {"seq_len": 128}})
-    module.configure_model()
-    path = tmp_path / "tiny.ckpt"
-    torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams),
-                "tokenizers": toks.state()}, path)
-    return Unimodal.from_checkpoint(path)
+    return tiny_unimodal(toks, tmp_path / "tiny.ckpt", tasks, seq_len=128)
 
 
 def test_evaluation_and_prompts_use_the_checkpoint_settings_and_count_long_clips(built, tmp_path):
