@@ -184,6 +184,30 @@ def make_logger(cfg: TrainConfig, run_dir: Path, resolved: dict):
     return logger
 
 
+def init_restarted_process_group(restart: int, timeout_s: int) -> None:
+    """The process group of a worker that torchrun restarted, keyed by the restart.
+
+    torchrun's workers rendezvous through the agent's store, which outlives a restart, and
+    gloo's full-mesh connect reads each rank's address from it under the same keys every
+    time: a restarted rank could read the address of the dead one it replaces and fail
+    ("Connection refused", then "timed out"; pytorch/pytorch#167288). Initialised here on a
+    store prefixed by the restart count, every key is fresh; Lightning then finds the group
+    initialised and uses it."""
+    import torch.distributed as dist
+    from torch.distributed.rendezvous import _torchelastic_use_agent_store
+
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if world < 2 or dist.is_initialized():
+        return
+    rank = int(os.environ["RANK"])
+    timeout = dt.timedelta(seconds=timeout_s)
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
+                          is_master=rank == 0 and not _torchelastic_use_agent_store(), timeout=timeout)
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    dist.init_process_group(backend, store=dist.PrefixStore(f"unimodal/restart_{restart}", store),
+                            rank=rank, world_size=world, timeout=timeout)
+
+
 def slurm_plugin() -> list:
     """Under SLURM, its environment without Lightning's requeue handler: callbacks.Preemption
     checkpoints to last.ckpt and requeues instead (Lightning's wrote hpc_ckpt_N.ckpt, which
@@ -296,6 +320,8 @@ def _run(cfg: TrainConfig) -> dict:
         cfg.ckpt_path = "last"  # an elastic restart continues the run it restarts
         if is_rank_zero():
             print(f"elastic restart {restart}: resuming from {run_dir / 'checkpoints' / 'last.ckpt'}", flush=True)
+    if restart:
+        init_restarted_process_group(restart, cfg.trainer.timeout_s)
     ckpt = resolve_ckpt(cfg, run_dir)
     ensure_data(cfg)
     files, manifest = resolve_shards(cfg.data.shards, cfg.data.split)
