@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from test_train import tiny_args
+from test_train import tiny_args, wandb_offline_args
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -79,12 +79,8 @@ def test_sigusr1_under_slurm_checkpoints_and_requeues_the_job(shard_dir, tmp_pat
 
 
 def test_a_resumed_run_logs_into_the_same_wandb_run(shard_dir, tmp_path, monkeypatch):
-    pytest.importorskip("wandb")
     from unimodal.cli import main
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
-    args = tiny_args(shard_dir, tmp_path, "--run_name", "w", "--evaluate", "false")
-    args[args.index("--logger") + 1] = "true"
+    args = wandb_offline_args(shard_dir, tmp_path, monkeypatch, "--run_name", "w", "--evaluate", "false")
     assert main([*args, "--trainer.max_steps", "2"]) == 0
     assert main([*args, "--trainer.max_steps", "3", "--ckpt_path", "last"]) == 0
     run_id = (tmp_path / "w" / "wandb_id").read_text().strip()

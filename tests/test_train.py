@@ -106,13 +106,19 @@ def test_sigkill_mid_run_leaves_a_loadable_checkpoint(shard_dir, tmp_path):
     assert torch.load(ckpt, map_location="cpu", weights_only=True)["global_step"] == state["global_step"] + 2
 
 
-@pytest.mark.slow
-def test_wandb_offline_run_is_written(shard_dir, tmp_path, monkeypatch):
+def wandb_offline_args(shard_dir, tmp_path, monkeypatch, *extra) -> list[str]:
+    """tiny_args with the W&B logger on, offline, writing under tmp_path."""
     pytest.importorskip("wandb")
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
-    args = tiny_args(shard_dir, tmp_path, "--run_name", "w", "--trainer.max_steps", "2")
+    args = tiny_args(shard_dir, tmp_path, *extra)
     args[args.index("--logger") + 1] = "true"
+    return args
+
+
+@pytest.mark.slow
+def test_wandb_offline_run_is_written(shard_dir, tmp_path, monkeypatch):
+    args = wandb_offline_args(shard_dir, tmp_path, monkeypatch, "--run_name", "w", "--trainer.max_steps", "2")
     assert main(args) == 0  # evaluation included: the prediction table with images and audio
     runs = list(tmp_path.rglob("offline-run-*"))
     assert runs, list(tmp_path.rglob("*"))[:20]
