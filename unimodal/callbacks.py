@@ -135,14 +135,20 @@ class PrintCallback(L.Callback):
 
     def on_train_start(self, trainer, pl_module):
         self.t0 = time.perf_counter()
+        # opened once per launch, line-buffered: every step's line is on disk when it ends
+        self._losses = open(self.loss_file, "a", buffering=1) if self.loss_file and trainer.is_global_zero else None
+
+    def on_train_end(self, trainer, pl_module):
+        if self._losses is not None:
+            self._losses.close()
+            self._losses = None
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         step = trainer.global_step
-        if self.loss_file is not None and trainer.is_global_zero and isinstance(outputs, dict):
+        if getattr(self, "_losses", None) is not None and isinstance(outputs, dict):
             self._sum, self._n = self._sum + float(outputs["loss"]), self._n + 1
             if (batch_idx + 1) % trainer.accumulate_grad_batches == 0:
-                with open(self.loss_file, "a") as f:
-                    f.write(f"{step}\t{self._sum / self._n!r}\n")
+                self._losses.write(f"{step}\t{self._sum / self._n!r}\n")
                 self._sum, self._n = 0.0, 0
         if not trainer.is_global_zero or step % self.every or step == getattr(self, "_last", -1):
             return

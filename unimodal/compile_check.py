@@ -20,6 +20,7 @@ happens here instead of in the first training step). Its result is one line of o
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -58,15 +59,15 @@ class StepCheck:
 
     @property
     def eager_ok(self) -> bool:
-        return not self.eager_nonfinite and bool(torch.isfinite(torch.tensor(self.eager_loss)))
+        return not self.eager_nonfinite and math.isfinite(self.eager_loss)
 
     @property
     def ok(self) -> bool:
-        finite = not self.nonfinite and bool(torch.isfinite(torch.tensor(self.compiled_loss)))
+        finite = not self.nonfinite and math.isfinite(self.compiled_loss)
         return finite and self.loss_error <= self.tolerance[0] and self.worst[1] <= self.tolerance[1]
 
     def describe(self) -> str:
-        if self.nonfinite or not torch.isfinite(torch.tensor(self.compiled_loss)):
+        if self.nonfinite or not math.isfinite(self.compiled_loss):
             names = ", ".join(self.nonfinite[:3]) + (f" and {len(self.nonfinite) - 3} more" if len(self.nonfinite) > 3 else "")
             return f"non-finite {'gradients of ' + names if names else 'loss'} (eager: finite)"
         return (f"loss {self.compiled_loss:.4f} against eager {self.eager_loss:.4f}, worst gradient "

@@ -20,7 +20,6 @@ class StreamDataModule(L.LightningDataModule):
         super().__init__()
         self.cfg, self.toks, self.tasks, self.val_batches = cfg, toks, tasks, val_batches
         self.train_ds: StreamDataset | None = None
-        self.counters: dict = {}
         self.restored: dict | None = None
 
     def batches_taken(self) -> int:

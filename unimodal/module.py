@@ -65,6 +65,14 @@ class _Schedule:
         return lr_lambda(step, self.warmup, self.total, self.min_ratio)
 
 
+def grad_norm(grads: list[torch.Tensor]) -> torch.Tensor:
+    """The 2-norm of all of ``grads`` together, in fp32 (torch's get_total_norm where it has one)."""
+    total = getattr(torch.nn.utils, "get_total_norm", None)
+    if total is not None:
+        return total([g.detach() for g in grads]).float()
+    return torch.stack([g.detach().float().norm() for g in grads]).norm()
+
+
 def per_task(values: torch.Tensor, mask: torch.Tensor, task: torch.Tensor, n_tasks: int):
     """Sums and counts of ``values`` over ``mask``-ed positions, per task index -> ([n], [n])."""
     keep = mask & (task >= 0) & (task < n_tasks)
@@ -256,7 +264,7 @@ class UnimodalModule(L.LightningModule):
         AdamW leaves every weight and moment as it was."""
         grads = [p.grad for p in self.parameters() if p.grad is not None]
         strategy = self.trainer.strategy
-        norm = torch.stack([g.detach().float().norm() for g in grads]).norm() if grads else torch.zeros((), device=self.device)
+        norm = grad_norm(grads) if grads else torch.zeros((), device=self.device)
         if "FSDP" in type(strategy).__name__:  # each rank holds a shard of every gradient
             norm = strategy.reduce(norm.square(), reduce_op="sum").sqrt()
         self._grad_norm = norm
@@ -273,11 +281,13 @@ class UnimodalModule(L.LightningModule):
             self.log("train/grad_norm", norm)
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
-        """Lightning's clipping, except under FSDP, where Lightning refuses to clip by norm
-        (its FSDPPrecision raises: torch's clip_grad_norm_ on shards would clip by one rank's
-        norm). There every rank scales its shards by the global norm of
-        ``on_before_optimizer_step``, which is what clip_grad_norm_ does on a whole model."""
-        if not (self._fsdp() and gradient_clip_val and (gradient_clip_algorithm or "norm") == "norm"):
+        """Clipping by the global norm that ``on_before_optimizer_step`` already computed
+        (what clip_grad_norm_ does, without computing the norm a second time). Under FSDP it
+        is the only way: Lightning's FSDPPrecision refuses to clip by norm, since torch's
+        clip_grad_norm_ on shards would clip by one rank's norm. Lightning's own clipping
+        for the value algorithm, and on a torch without clip_grads_with_norm_ (< 2.6)."""
+        by_norm = gradient_clip_val and (gradient_clip_algorithm or "norm") == "norm"
+        if not by_norm or not hasattr(torch.nn.utils, "clip_grads_with_norm_"):
             return super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
         params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
         if params and self._grad_norm is not None:  # no gradients: a skipped (non-finite) step

@@ -359,10 +359,9 @@ def _run(cfg: TrainConfig) -> dict:
         callbacks.insert(0, CompileCheck(cfg.data.batch_size, cfg.data.seq_len))
     if tc.max_minutes:  # per launch: a resumed run gets the whole budget again
         callbacks.append(LaunchTimer(duration=dt.timedelta(minutes=tc.max_minutes), interval="step", verbose=False))
-    max_time = None
     trainer = L.Trainer(
         accelerator=tc.accelerator, devices=tc.devices, num_nodes=tc.num_nodes,
-        strategy=make_strategy(tc), precision=precision, max_steps=tc.max_steps, max_time=max_time,
+        strategy=make_strategy(tc), precision=precision, max_steps=tc.max_steps,
         gradient_clip_val=tc.gradient_clip_val or None, accumulate_grad_batches=tc.accumulate_grad_batches,
         log_every_n_steps=tc.log_every_n_steps, val_check_interval=tc.val_every_n_steps,
         check_val_every_n_epoch=None, limit_val_batches=tc.val_batches,
