@@ -48,6 +48,7 @@ def test_help_works_from_the_root_and_hf_tokenizers_is_not_shadowed():
     (["--model.n_head", "3"], "not divisible by n_head 3"),
     (["--model.attention", "flash"], "attention must be one of auto, sdpa, math, flex"),
     (["--model.attention", "flex"], "trains on CUDA only"),
+    (["--trainer.nonfinite_stop", "-3"], "trainer.nonfinite_stop must be >= 0, got -3"),
 ])
 def test_user_errors_are_one_line_and_exit_2(argv, needle, capsys, tmp_path):
     assert main(["train", "--out_dir", str(tmp_path), *argv]) == 2

@@ -59,6 +59,11 @@ class TrainerConfig:
     """With compile on a CPU: check one compiled step against the eager one when training
     starts and fall back (math -> sdpa kernel -> eager blocks) if it is broken on this CPU."""
 
+    def __post_init__(self) -> None:
+        for name in ("max_steps", "nonfinite_stop", "log_every_n_steps", "val_every_n_steps"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"trainer.{name} must be >= 0, got {getattr(self, name)}")
+
 
 @dataclass
 class TrainConfig:
