@@ -1,11 +1,12 @@
-"""``python -m unimodal.data_pipelines build --recipe NAME --out DIR [--limit N] [--quiet]``
-and ``python -m unimodal.data_pipelines list``.
+"""``python -m unimodal.data_pipelines build --recipe NAME --out DIR [--limit N] [--quiet]``,
+``python -m unimodal.data_pipelines list`` and ``python -m unimodal.data_pipelines check DIR``.
 
 ``unimodal data ...`` calls ``main`` with the same arguments.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import shlex
 import sys
 
@@ -22,6 +23,9 @@ def _parser(prog: str) -> argparse.ArgumentParser:
                    help="at most N samples from each of the recipe's sources (quick builds)")
     b.add_argument("--quiet", action="store_true", help="no progress bar or messages")
     sub.add_parser("list", help="list the recipes and whether they can be built here")
+    c = sub.add_parser("check", help="report leaks between a shard folder's train split and its val/test splits")
+    c.add_argument("dir", help="shard folder (with manifest.json, or train/ val/ test/ folders of .tar shards)")
+    c.add_argument("--json", action="store_true", help="print the whole report as JSON")
     return p
 
 
@@ -34,6 +38,11 @@ def main(argv: list[str] | None = None, prog: str = "python -m unimodal.data_pip
                 state = "available" if ok else f"unavailable: {reason}"
                 print(f"{name:15s} {state}" + (f"\n{'':15s} {desc}" if desc else ""))
             return 0
+        if args.command == "check":
+            from unimodal.data_pipelines.check import check, render
+            report = check(args.dir)
+            print(json.dumps(report, indent=1, ensure_ascii=False) if args.json else render(report))
+            return 1 if report["leaks"] else 0
         argv_used = sys.argv[1:] if argv is None else argv
         command = " ".join([prog, *map(shlex.quote, argv_used)])
         manifest = build(args.recipe, args.out, limit=args.limit, progress=not args.quiet,

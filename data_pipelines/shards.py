@@ -22,9 +22,13 @@ A recipe is one module in ``data_pipelines/recipes/`` (found by ``recipes()``) w
 - ``samples(limit) -> Iterator[dict]``: each dict has ``"__key__"`` (unique, no dots or
   slashes), ``"json"`` (dict with at least ``"task"``) and the binary members (bytes, or a
   numpy array for ``*.npy`` members); ``"__split__"`` forces a split ('train'|'val'|'test'),
-  otherwise ``split_of(key)`` decides. ``limit`` caps the samples of each source.
-- optional: ``text_corpus(limit)`` / ``code_corpus(limit)`` (iterables of str for the
-  tokenizers; without them the text/code fields of the written samples are used), ``instructions()``
+  otherwise ``split_of(json["group"] or key)`` decides: every sample derived from one source
+  item (a number in every language and direction, a code file, ...) names it as its
+  ``group``, so they all land in one split. ``limit`` caps the samples of each source.
+- optional: ``SPLIT_FRACTIONS`` ((train, val) shares, default (0.90, 0.05)),
+  ``text_corpus(limit)`` / ``code_corpus(limit)`` (iterables of str for the tokenizers, of
+  the train split only; without them the text/code fields of the written train samples are
+  used), ``instructions()``
   (more text-corpus lines), ``manifest_extra() -> dict`` (called after ``samples`` ran),
   ``SOURCES`` (pip distributions read), ``DEBIAN`` (Debian packages read),
   ``expected_count(limit)`` (for the progress bar), ``TOKENIZER_SETTINGS`` (settings of the
@@ -80,10 +84,19 @@ def split_fraction(key: str) -> float:
     return int.from_bytes(hashlib.sha1(key.encode("utf-8")).digest()[:8], "big") / 2.0 ** 64
 
 
-def split_of(key: str) -> str:
-    """The split of a sample key: < 0.90 train, < 0.95 val, else test."""
+def split_of(key: str, fractions: tuple[float, float] = (TRAIN_FRACTION, VAL_FRACTION)) -> str:
+    """The split of a sample key, or of a source group's name: with the default fractions
+    < 0.90 train, < 0.95 val, else test."""
+    train, val = fractions
     f = split_fraction(key)
-    return "train" if f < TRAIN_FRACTION else "val" if f < TRAIN_FRACTION + VAL_FRACTION else "test"
+    return "train" if f < train else "val" if f < train + val else "test"
+
+
+def split_rule(mod: ModuleType) -> str:
+    train, val = getattr(mod, "SPLIT_FRACTIONS", (TRAIN_FRACTION, VAL_FRACTION))
+    return (f"sha1(json.group, else the key) -> [0,1): < {train:.2f} train, < {train + val:.2f} val, "
+            "else test; every sample of one source group lands in one split; recipes may force a "
+            "split (held-out voices, zero-shot compositions)")
 
 
 # --------------------------------------------------------------------------------------
@@ -385,6 +398,7 @@ def _build_into(mod: ModuleType, recipe: str, tmp: Path, limit: int | None, prog
     task_splits: dict[str, set] = defaultdict(set)
     task_envs: dict[str, set] = defaultdict(set)  # control task -> the envs its episodes name
     settings = recipe_tokenizer_settings(mod)
+    fractions = getattr(mod, "SPLIT_FRACTIONS", (TRAIN_FRACTION, VAL_FRACTION))
     own_text = not hasattr(mod, "text_corpus")
     own_code = not hasattr(mod, "code_corpus")
     text_lines: list[str] = []
@@ -404,20 +418,20 @@ def _build_into(mod: ModuleType, recipe: str, tmp: Path, limit: int | None, prog
             if key in keys_seen:
                 raise ValueError(f"recipe {recipe!r} yielded the key {key!r} twice")
             keys_seen.add(key)
-            split = sample.get("__split__") or split_of(key)
+            meta = sample["json"]
+            split = sample.get("__split__") or split_of(meta.get("group") or key, fractions)
             if split not in SPLITS:
                 raise ValueError(f"sample {key}: unknown split {split!r}")
-            meta = sample["json"]
             task = meta["task"]
             writers.write(split, encoded)
             counts[split][task] += 1
             task_splits[task].add(split)
             if task.startswith("control.") and isinstance(meta.get("env"), str):
                 task_envs[task].add(meta["env"])
-            if own_text and not task.startswith("code."):
+            if own_text and split == "train" and not task.startswith("code."):
                 text_lines += [meta[f] for f in ("label", "transcript", "src", "tgt")
                                if isinstance(meta.get(f), str)]
-            if own_code and task.startswith("code."):
+            if own_code and split == "train" and task.startswith("code."):
                 code_lines += [meta[f] for f in ("prompt", "completion") if isinstance(meta.get(f), str)]
             bar.update(1)
     finally:
@@ -485,8 +499,7 @@ def _build_into(mod: ModuleType, recipe: str, tmp: Path, limit: int | None, prog
         "splits": splits,
         "tasks": tasks,
         "test_only_tasks": [t for t in tasks if task_splits[t] == {"test"}],
-        "split_rule": "sha1(key) -> [0,1): < 0.90 train, < 0.95 val, else test; "
-                      "recipes may force a split (held-out voices, zero-shot compositions)",
+        "split_rule": split_rule(mod),
         "sources": sources,
         "tokenizers": tokenizers,
         "tokenizer_settings": settings,

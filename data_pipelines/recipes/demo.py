@@ -19,6 +19,13 @@
 
 ``limit`` caps each source: images, digit clips, phrase clips, number translations, CLDR
 translations, code samples per mode, and episodes per environment.
+
+Splits are by source, never by sample (every sample names its source as ``json.group``):
+an image with its French copy; a number with all its languages, both directions and both
+source forms; a CLDR name with all its languages; a code file with every function cut from
+it; a phrase's number with every clip that says it (so the test phrases were never said in
+training by any voice), a digit clip by its recording, an episode by its seed. Two accents
+are test-only whole. The tokenizers see the train split's text and code only.
 """
 from __future__ import annotations
 
@@ -42,6 +49,9 @@ DESCRIPTION = ("every modality from pip-installed sources: sklearn digits, eSpea
                "num2words + CLDR translations, stdlib code, gymnasium experts")
 SOURCES = ["scikit-learn", "espeakng-loader", "num2words", "babel", "gymnasium", "soundfile",
            "scipy", "Pillow"]
+
+# test sets as large as the main job's evaluation can afford (200+ images, 1,000+ clips)
+SPLIT_FRACTIONS = (0.85, 0.03)
 
 DIGIT_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 
@@ -109,6 +119,11 @@ def _rng(*parts) -> np.random.Generator:
     return np.random.default_rng(int.from_bytes(digest[:8], "little"))
 
 
+def split(group: str) -> str:
+    """The split of a source group under this recipe's fractions."""
+    return split_of(group, SPLIT_FRACTIONS)
+
+
 def _cap(n: int, limit: int | None) -> int:
     return n if limit is None else min(n, limit)
 
@@ -138,11 +153,11 @@ def _images(limit):
         stats["images"] += 1
         yield {"__key__": key, "png": png,
                "json": {"task": "image.classify", "label": DIGIT_WORDS[y], "label_id": y,
-                        "lang": "en", "source": "sklearn.digits", "index": i}}
-        if split_of(key) == "test":
+                        "lang": "en", "source": "sklearn.digits", "index": i, "group": key}}
+        if split(key) == "test":
             yield {"__key__": f"{key}-fr", "__split__": "test", "png": png,
                    "json": {"task": "image.classify.fr", "label": french_word(y), "label_id": y,
-                            "lang": "fr", "source": "sklearn.digits", "index": i}}
+                            "lang": "fr", "source": "sklearn.digits", "index": i, "group": key}}
 
 
 # --------------------------------------------------------------------------------------
@@ -238,10 +253,34 @@ def available_variants() -> list[str]:
     return [v for v in VARIANTS if not v or v in have]
 
 
+def _audio_group(subset: str, key: str, value: int) -> str:
+    """A digit clip is its own source; a phrase's source is its number, whoever says it."""
+    return f"phrase-{value}" if subset == "phrases" else key
+
+
+def _audio_plan(limit, variants: list[str]) -> list[tuple]:
+    """(subset, i, value, text, key, split) of every clip, digits and phrases alternating so a
+    limited build and every shard get both."""
+    items = [("digits", i, i % 10, DIGIT_WORDS[i % 10]) for i in range(_cap(N_DIGIT_CLIPS, limit))]
+    phrases = [("phrases", i, n, canonical_en(n))
+               for i, n in enumerate(phrase_numbers()[:_cap(N_PHRASE_CLIPS, limit)])]
+    order = [x for pair in zip(items, phrases) for x in pair]
+    order += items[len(phrases):] + phrases[len(items):]
+    plan = []
+    for subset, i, value, text in order:
+        key = f"speech-{subset}-{i:05d}"
+        held_out = _voice_choice(_rng("audio", key), variants, key)[2]
+        plan.append((subset, i, value, text, key,
+                     "test" if held_out else split(_audio_group(subset, key, value))))
+    return plan
+
+
 def _audio(limit):
     from unimodal.data_pipelines.espeak import engine
     eng = engine()
     variants = available_variants()
+    plan = _audio_plan(limit, variants)
+    trained = {text for _, _, _, text, _, where in plan if where == "train"}
     stats = _STATS.setdefault("audio", {
         "engine": "eSpeak NG (espeakng-loader)", "sample_rate": SAMPLE_RATE,
         "train_accents": TRAIN_ACCENTS, "test_only_accents": TEST_ACCENTS,
@@ -251,14 +290,7 @@ def _audio(limit):
         "lead_silence_s": list(LEAD_S), "noises": list(NOISES), "max_seconds": MAX_SECONDS,
         "clips": {"digits": 0, "phrases": 0}, "clips_by_accent": {}, "seconds": 0.0,
         "transcript_form": "lower-case English number words, no hyphens, commas or 'and'"})
-    items = [("digits", i, i % 10, DIGIT_WORDS[i % 10]) for i in range(_cap(N_DIGIT_CLIPS, limit))]
-    phrases = [("phrases", i, n, canonical_en(n))
-               for i, n in enumerate(phrase_numbers()[:_cap(N_PHRASE_CLIPS, limit)])]
-    # alternate the two subsets so a limited build and every shard get both
-    order = [x for pair in zip(items, phrases) for x in pair]
-    order += items[len(phrases):] + phrases[len(items):]
-    for subset, i, value, text in order:
-        key = f"speech-{subset}-{i:05d}"
+    for subset, i, value, text, key, where in plan:
         rng = _rng("audio", key)
         accent, variant, held_out = _voice_choice(rng, variants, key)
         voice = f"{accent}+{variant}" if variant else accent
@@ -277,12 +309,14 @@ def _audio(limit):
         stats["seconds"] = round(stats["seconds"] + params["seconds"], 2)
         meta = {"task": "audio.transcribe", "transcript": text, "subset": subset, "voice": voice,
                 "accent": accent, "variant": variant or "default", "rate": rate, "pitch": pitch,
-                "lang": "en", "heldout_voice": held_out, "source": "espeak-ng", **params}
-        sample = {"__key__": key, "flac": flac, "json": meta}
-        if held_out:
-            sample["__split__"] = "test"
+                "lang": "en", "heldout_voice": held_out, "source": "espeak-ng",
+                # a test-only voice's clip is its own source (its phrase may be a trained one:
+                # text_in_train says, and the breakdown reports both kinds)
+                "group": key if held_out else _audio_group(subset, key, value),
+                "text_in_train": text in trained, **params}
+        sample = {"__key__": key, "flac": flac, "json": meta, "__split__": where}
         yield sample
-        if subset == "digits" and (held_out or split_of(key) == "test"):
+        if subset == "digits" and where == "test":
             yield {"__key__": f"{key}-fr", "__split__": "test", "flac": flac,
                    "json": {**meta, "task": "audio.transcribe.fr", "transcript": french_word(value),
                             "lang": "fr", "speech_lang": "en"}}
@@ -306,13 +340,21 @@ def _words(n: int, lang: str) -> str:
 
 
 def _number_pairs(limit):
-    """(key, task, src, tgt) for numbers: en->fr/de/es, fr/de->en."""
+    """(key, task, src, tgt, meta) for numbers: en->fr/de/es, fr/de->en; up to REVERSE_MAX
+    an English source with hyphens also comes as a person often types it, without them
+    ('twenty one'). All of one number's pairs are one source group."""
     for n in translation_numbers()[:_cap(len(translation_numbers()), limit)]:
         en = _words(n, "en")
-        for tgt in NUM_LANGS:
-            yield f"num-en-{tgt}-{n:07d}", f"text.translate.en-{tgt}", en, _words(n, tgt)
+        forms = [("hyphen" if "-" in en else "plain", en, "")]
+        if "-" in en and n <= REVERSE_MAX:
+            forms.append(("plain", en.replace("-", " "), "-plain"))
+        meta = {"domain": "numbers", "number": n, "group": f"num-{n}"}
+        for form, src, tag in forms:
+            for tgt in NUM_LANGS:
+                yield (f"num-en-{tgt}{tag}-{n:07d}", f"text.translate.en-{tgt}", src, _words(n, tgt),
+                       {**meta, "src_form": form})
         for src in REVERSE if n <= REVERSE_MAX else ():
-            yield f"num-{src}-en-{n:07d}", f"text.translate.{src}-en", _words(n, src), en
+            yield f"num-{src}-en-{n:07d}", f"text.translate.{src}-en", _words(n, src), en, meta
 
 
 def _safe(code) -> str:
@@ -345,6 +387,11 @@ def cldr_pairs() -> tuple[tuple[str, str, str, str, str], ...]:
     return tuple(out)
 
 
+def cldr_group(src: str) -> str:
+    """A CLDR name's source group: its English text (every language, every domain using it)."""
+    return "cldr-" + src.casefold()
+
+
 def _text(limit):
     stats = _STATS.setdefault("text", {"numbers": 0, "cldr": {}, "languages": ["en", *NUM_LANGS]})
     nums = list(_number_pairs(limit))
@@ -354,17 +401,26 @@ def _text(limit):
         cldr = [cldr[i] for i in sorted(set(idx.tolist()))]
     ratio = len(nums) / max(1, len(cldr))
     j = 0
-    for i, (key, task, src, tgt) in enumerate(nums):
-        stats["numbers"] += 1
-        yield {"__key__": key, "json": {"task": task, "src": src, "tgt": tgt, "domain": "numbers"}}
+    def cldr_sample(item):
+        key2, task2, s, t, domain = item
+        return {"__key__": key2, "json": {"task": task2, "src": s, "tgt": t, "domain": domain,
+                                          "group": cldr_group(s)}}
+
+    out = []
+    for i, (key, task, src, tgt, meta) in enumerate(nums):
+        out.append({"__key__": key, "json": {"task": task, "src": src, "tgt": tgt, **meta}})
         while j < len(cldr) and j * ratio <= i:
-            key2, task2, s, t, domain = cldr[j]
-            stats["cldr"][domain] = stats["cldr"].get(domain, 0) + 1
-            yield {"__key__": key2, "json": {"task": task2, "src": s, "tgt": t, "domain": domain}}
+            out.append(cldr_sample(cldr[j]))
             j += 1
-    for key2, task2, s, t, domain in cldr[j:]:
-        stats["cldr"][domain] = stats["cldr"].get(domain, 0) + 1
-        yield {"__key__": key2, "json": {"task": task2, "src": s, "tgt": t, "domain": domain}}
+    out += [cldr_sample(item) for item in cldr[j:]]
+    out, stats["dropped_as_leaks"] = decontaminate(out, lambda x: x["json"])
+    for sample in out:
+        domain = sample["json"]["domain"]
+        if domain == "numbers":
+            stats["numbers"] += 1
+        else:
+            stats["cldr"][domain] = stats["cldr"].get(domain, 0) + 1
+        yield sample
 
 
 # --------------------------------------------------------------------------------------
@@ -470,7 +526,29 @@ def code_selection(limit: int | None = None) -> tuple[tuple[dict, ...], dict]:
     else:
         b, n = body[:per_mode], nxt[:per_mode]
     out = [x for pair in zip(b, n) for x in pair] + b[len(n):] + n[len(b):]
+    out, stats["dropped_as_leaks"] = decontaminate(
+        out, lambda x: {"task": "code.complete", "group": code_group(x), **x})
     return tuple(out), stats
+
+
+def code_group(item: dict) -> str:
+    """A code sample's source group: its file (every function and cut of it)."""
+    return f"file-{item['file']}"
+
+
+def decontaminate(items: list, meta_of) -> tuple[list, int]:
+    """``items`` less the evaluation items that leak past their source group (the check of
+    ``unimodal data check``: same input, same target, shared code lines, reverse pair), and
+    how many were dropped. E.g. bz2.py and lzma.py share methods line for line; two CLDR
+    names may share one translation."""
+    from unimodal.data_pipelines.check import LeakIndex
+    index = LeakIndex()
+    metas = [meta_of(x) for x in items]
+    for m in metas:
+        if split(m["group"]) == "train":
+            index.add(m)
+    kept = [x for x, m in zip(items, metas) if split(m["group"]) == "train" or not index.leaks(m)]
+    return kept, len(items) - len(kept)
 
 
 def _code(limit):
@@ -481,8 +559,8 @@ def _code(limit):
         mode = item["mode"]
         stats["samples"][mode] += 1
         key = f"code-{mode.replace('_', '')}-{item['index']:06d}"
-        yield {"__key__": key, "json": {"task": "code.complete", **{k: v for k, v in item.items()
-                                                                     if k != "index"}}}
+        yield {"__key__": key, "json": {"task": "code.complete", "group": code_group(item),
+                                        **{k: v for k, v in item.items() if k != "index"}}}
 
 
 # --------------------------------------------------------------------------------------
@@ -515,7 +593,8 @@ def _episodes(env_id: str, limit):
                    "obs.npy": obs, "act.npy": act,
                    "json": {"task": info.task, "env": env_id, "policy": policy,
                             "epsilon": EPSILON if noisy else 0.0, "return": round(ret, 4),
-                            "length": int(len(obs)), "seed": seed}}
+                            "length": int(len(obs)), "seed": seed,
+                            "group": f"episode-{env_id}-{seed}"}}
     finally:
         env.close()
         if rets:
@@ -540,8 +619,9 @@ def _source_counts(limit) -> dict[str, int]:
     from unimodal.data_pipelines import control as ctl
     n_img = _cap(1797, limit)
     n_aud = _cap(N_DIGIT_CLIPS, limit) + _cap(N_PHRASE_CLIPS, limit)
-    n_num = (_cap(N_SMALL + N_LARGE, limit) * len(NUM_LANGS)
-             + _cap(REVERSE_MAX + 1, limit) * len(REVERSE))
+    n_rev = _cap(REVERSE_MAX + 1, limit)
+    n_num = _cap(N_SMALL + N_LARGE, limit) * len(NUM_LANGS) + n_rev * len(REVERSE)
+    n_num += sum("-" in _words(n, "en") for n in range(n_rev)) * len(NUM_LANGS)  # plain forms
     n_cldr = _cap(len(cldr_pairs()), limit)
     n_code = 2 * _cap(CODE_PER_MODE, limit)
     n_ctl = len(ctl.ENVS) * _cap(EPISODES_PER_ENV, limit)
@@ -577,27 +657,29 @@ def samples(limit: int | None = None) -> Iterator[dict]:
 
 
 def text_corpus(limit: int | None = None) -> Iterator[str]:
-    """Everything text the full build contains, whatever ``limit`` is (cheap; the text
-    model is then the same for a quick build and a full one)."""
+    """The text of the full build's train split, whatever ``limit`` is (cheap; the text
+    model is then the same for a quick build and a full one). Nothing of a val or test
+    source: the test numbers' and names' words are read with pieces learnt elsewhere."""
     for n in translation_numbers():
-        for lang in ("en", *NUM_LANGS):
-            yield _words(n, lang)
+        if split(f"num-{n}") == "train":
+            for lang in ("en", *NUM_LANGS):
+                yield _words(n, lang)
     for _, _, s, t, _ in cldr_pairs():
-        yield s
-        yield t
-    for y, w in enumerate(DIGIT_WORDS):
-        yield w
-        yield french_word(y)
-    yield from DIGIT_WORDS
-    for n in phrase_numbers():
-        yield canonical_en(n)
+        if split(cldr_group(s)) == "train":
+            yield s
+            yield t
+    yield from DIGIT_WORDS  # every digit is said in the train split (image labels, clips)
+    for _, _, _, text, _, where in _audio_plan(None, available_variants()):
+        if where == "train":
+            yield text
 
 
 def code_corpus(limit: int | None = None) -> Iterator[str]:
-    """Every prompt and completion of the build's code samples."""
+    """Every prompt and completion of the build's train-split code samples."""
     for item in code_selection(limit)[0]:
-        yield item["prompt"]
-        yield item["completion"]
+        if split(code_group(item)) == "train":
+            yield item["prompt"]
+            yield item["completion"]
 
 
 def manifest_extra() -> dict:
