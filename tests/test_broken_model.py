@@ -142,21 +142,28 @@ def test_evaluate_a_nan_model_scores_every_task(nan_um, shards, tmp_path):  # no
     out = tmp_path / "eval.json"
     write_json(results, out)
     back = _strict_json(out.read_text())
-    assert back["tasks"]["code.complete"]["bits_per_byte"] is None
+    code = back["tasks"]["code.complete"]
+    assert code["bits_per_byte"] is None and code["ci95"]["bits_per_byte"] == [None, None]
+    assert code["n"]["bits_per_byte"] == code["samples"] and None in code["per_item"]["bits"]
     assert back["tasks"]["control.pendulum-v1"]["nonfinite_episodes"] == 0
+    assert back["tasks"]["image.classify"]["ci95"]["accuracy"][0] == 0.0  # Wilson's at 0 of n
     table = markdown_table(results)
-    assert "n/a" in table and "nonfinite_episodes" not in table  # no column of zeros
+    assert "| code.complete | 3 | bits_per_byte | n/a | n/a |" in table
+    assert "nonfinite_episodes" not in table  # no row of zeros
 
 
 def test_reports_of_nonfinite_metrics(tmp_path):
     results = {"tasks": {"code.complete": {"bits_per_byte": NAN, "bpb_ratio": INF, "samples": 3},
                          "control.pendulum-v1": {"return": -1.5, "episodes": 4, "nonfinite_episodes": 2}}}
-    table = markdown_table(results)
-    header, _, code_row, ctl_row = table.strip().splitlines()
-    assert header.endswith("| episodes | nonfinite_episodes |")
-    assert "| n/a | inf |" in code_row and ctl_row.endswith("| 4 | 2 |")
+    table = markdown_table(results)  # hand-made results without n or ci95: the counts, no interval
+    header, _, bpb, ratio, ret, nonfinite = table.strip().splitlines()
+    assert header == "| task | n | metric | value | 95% CI |"
+    assert bpb == "| code.complete | 3 | bits_per_byte | n/a | n/a |"
+    assert ratio == "| code.complete | 3 | bpb_ratio | inf | n/a |"
+    assert ret == "| control.pendulum-v1 | 4 | return | -1.500 | n/a |"
+    assert nonfinite == "| control.pendulum-v1 | 4 | nonfinite_episodes | 2 | - |"
     write_json(results, tmp_path / "r.json")
     back = _strict_json((tmp_path / "r.json").read_text())
     assert back["tasks"]["code.complete"] == {"bits_per_byte": None, "bpb_ratio": None, "samples": 3}
     results["tasks"]["control.pendulum-v1"]["nonfinite_episodes"] = 0
-    assert "nonfinite_episodes" not in markdown_table(results)  # a column only when one happened
+    assert "nonfinite_episodes" not in markdown_table(results)  # a row only when one happened

@@ -17,15 +17,19 @@ from conftest import tiny_unimodal
 from unimodal.data_pipelines import control as ctl
 from unimodal.data_pipelines.shards import encode_sample
 from unimodal.evaluate import (accuracy, code_bits, control_baselines, control_metrics, evaluate,
-                               first_line, markdown_table, next_line_match, normalized_return,
-                               per_episode, run_episodes, translation_scores, unigram_bits,
-                               unigram_counts, write_json)
+                               first_line, flat_metrics, groups, markdown_table, next_line_match,
+                               normalized_return, number_bin, per_episode, rate, ratio_of_sums,
+                               run_episodes, stratified_mean, summary, translation_metrics,
+                               translation_scores, unigram_bits, unigram_counts, write_json)
 from unimodal.generate import InputError, Unimodal
 from unimodal.model import ModelConfig
+from unimodal.stats import wilson
 from unimodal.tokenizers.text import train_sentencepiece
 from unimodal.tokenizers.vocab import Tokenizers
 
 from conftest import GEN_CODE as CODE, GEN_TASKS as TASKS, GEN_TEXT as TEXT
+
+NAN = float("nan")
 
 
 @pytest.fixture(scope="module")
@@ -115,6 +119,58 @@ def test_normalized_return():
     assert math.isnan(normalized_return(1.0, 5.0, 5.0))
 
 
+def test_rate_has_the_wilson_interval_of_scipy():
+    from scipy.stats import binomtest
+
+    value, n, (lo, hi) = rate([1, 0, 1, 1])
+    want = binomtest(3, 4).proportion_ci(confidence_level=0.95, method="wilson")
+    assert (value, n) == (0.75, 4) and (lo, hi) == pytest.approx((want.low, want.high), abs=1e-9)
+    assert rate([0, 0, 0])[2] == (0.0, pytest.approx(wilson(0, 3)[1])) and math.isnan(rate([])[0])
+
+
+def test_corpus_and_ratio_intervals():
+    refs = ["le chat est sur le tapis", "il fait beau aujourd'hui", "quarante-deux", "un", "deux"]
+    hyps = ["le chat est sur le tapis", "il fait beau", "quarante", "un", "trois"]
+    m = translation_metrics(hyps, refs)
+    assert {k: v for k, (v, _, _) in m.items()} == translation_scores(hyps, refs)
+    for k, (v, n, (lo, hi)) in m.items():
+        assert n == 5 and lo <= v <= hi and lo < hi, k  # a corpus statistic of resampled sentences
+    assert m["exact_match"] == (0.4, 5, pytest.approx(wilson(2, 5)))
+    assert translation_metrics(refs, refs)["chrf"] == (pytest.approx(100.0), 5, (pytest.approx(100.0),) * 2)
+    value, n, (lo, hi) = ratio_of_sums([10.0, 30.0, 2.0], [5, 10, 2])  # bits over bytes: a ratio of sums
+    assert value == pytest.approx(42 / 17) and n == 3 and 1.0 <= lo <= value <= hi <= 3.0
+
+
+def test_stratified_mean_resamples_within_groups():
+    assert stratified_mean([[1, 1], [0, 0, 0]]) == (0.5, 5, (0.5, 0.5))  # no spread within a task
+    value, n, (lo, hi) = stratified_mean([[0.0, 1.0] * 10, [1.0] * 4])
+    assert value == 0.75 and n == 24 and 0.6 < lo < 0.75 < hi < 0.9  # half the spread of the first task
+
+
+def test_number_bins_and_breakdown_groups():
+    assert [number_bin(x) for x in (0, 20, 21, 99, 100, 999, 1000, 9999, 10000, 123456)] == [
+        "0-20", "0-20", "21-99", "21-99", "100-999", "100-999", "1000-9999", "1000-9999", ">=10000", ">=10000"]
+    assert number_bin(-1) is None
+    text = [{"domain": "numbers", "number": 1234, "src_form": "plain"},
+            {"domain": "numbers", "number": 21, "src_form": "hyphen"},
+            {"domain": "territories"},
+            {"domain": "numbers", "number": 7, "src_form": "plain"},
+            {"domain": "numbers", "number": 100, "src_form": "plain"}, {}]
+    assert groups(text, "text") == {"domain=numbers": [0, 1, 3, 4], "domain=territories": [2],
+                                    "number=0-20": [3], "number=21-99": [1], "number=100-999": [4],
+                                    "number=1000-9999": [0], "src_form=hyphen": [1], "src_form=plain": [0, 3, 4]}
+    audio = [{"subset": "digits", "heldout_voice": False, "accent": "us"},
+             {"subset": "digits", "heldout_voice": True, "accent": "in"},
+             {"subset": "phrases", "heldout_voice": False, "text_in_train": True, "accent": "us"},
+             {"subset": "phrases", "heldout_voice": False, "text_in_train": False, "accent": "us"}]
+    assert groups(audio, "audio") == {
+        "subset=digits/heldout_voice=false": [0], "subset=digits/heldout_voice=true": [1],
+        "subset=phrases/heldout_voice=false": [2, 3], "subset=phrases/text_in_train=false": [3],
+        "subset=phrases/text_in_train=true": [2], "accent=in": [1], "accent=us": [0, 2, 3]}
+    assert groups([{"subset": "digits"}], "audio") == {"subset=digits": [0]}
+    assert groups(text, "image") == {} and groups([{}], "code") == {}
+
+
 def test_bits_per_byte_of_a_uniform_model(toks):
     """Zero logits: every completion token costs log2(code ids + <eos>) bits."""
     cfg = ModelConfig(vocab_size=toks.vocab.size, n_layer=1, n_head=1, d_model=8, max_seq_len=96,
@@ -122,10 +178,10 @@ def test_bits_per_byte_of_a_uniform_model(toks):
     fake = Unimodal(Uniform(cfg), toks, seq_len=96)
     comps = ["    return x + 1\n", "    print(i)\n", "x = 'é'\n"]
     samples = [{"json": {"task": "code.complete", "prompt": "def f(x):\n", "completion": c}} for c in comps]
-    bits, n_tok, n_bytes, local = code_bits(fake, samples)
-    tokens = sum(len(toks.code.encode(c).ids) for c in comps)
-    assert n_tok == tokens and n_bytes == sum(len(c.encode()) for c in comps)
-    assert bits == pytest.approx(tokens * math.log2(toks.code.size + 1), rel=1e-6)
+    bits, n_tok, n_bytes, local, kept = code_bits(fake, samples)
+    tokens = [len(toks.code.encode(c).ids) for c in comps]
+    assert n_tok.tolist() == tokens and n_bytes.tolist() == [len(c.encode()) for c in comps] and kept == samples
+    assert bits == pytest.approx(np.array(tokens) * math.log2(toks.code.size + 1), rel=1e-6)  # per sample
     assert [x.tolist() for x in local] == [(toks.code.encode(c).ids - toks.code.offset).tolist() for c in comps]
 
 
@@ -177,11 +233,18 @@ def shards(tmp_path_factory):
           for i, w in enumerate(["zero", "one", "two"])),
         *({"__key__": f"imgfr{i}", "png": _png(i), "json": {"task": "image.classify.fr", "label": w}}
           for i, w in enumerate(["zéro", "un"])),
-        *({"__key__": f"aud{i}", "flac": _flac(i), "json": {"task": "audio.transcribe", "transcript": t,
-                                                           "subset": s}}
-          for i, (t, s) in enumerate([("one", "digits"), ("two", "digits"), ("twenty one", "phrases")])),
-        *({"__key__": f"tr{i}", "json": {"task": "text.translate.en-fr", "src": s, "tgt": t}}
-          for i, (s, t) in enumerate([("one", "un"), ("two", "deux"), ("three", "trois")])),
+        *({"__key__": f"aud{i}", "flac": _flac(i), "json": {"task": "audio.transcribe", "transcript": t, **m}}
+          for i, (t, m) in enumerate([("one", {"subset": "digits", "heldout_voice": False, "accent": "us"}),
+                                      ("two", {"subset": "digits", "heldout_voice": True, "accent": "in"}),
+                                      ("twenty one", {"subset": "phrases", "heldout_voice": False,
+                                                      "text_in_train": True, "accent": "us"})])),
+        *({"__key__": f"tr{i}", "json": {"task": "text.translate.en-fr", "src": s, "tgt": t, **m}}
+          for i, (s, t, m) in enumerate([("one", "un", {"domain": "numbers", "number": 1, "src_form": "plain"}),
+                                         ("twenty-one", "vingt et un", {"domain": "numbers", "number": 21,
+                                                                        "src_form": "hyphen"}),
+                                         ("three", "trois", {"domain": "numbers", "number": 3,
+                                                             "src_form": "plain"}),
+                                         ("France", "France", {"domain": "territories"})])),
         {"__key__": "code0", "json": {"task": "code.complete", "prompt": "def f(x):\n",
                                       "completion": "    return x + 1\n", "mode": "next_lines"}},
         {"__key__": "code1", "json": {"task": "code.complete", "prompt": "for i in range(10):\n",
@@ -214,33 +277,128 @@ def test_evaluate_default_tasks(um, shards, tmp_path):
     # trained tasks, the held-out composition, and control in its env; not the untrained audio
     assert list(tasks) == ["code.complete", "image.classify", "image.classify.fr", "text.translate.en-fr",
                            "control.cartpole-v1"]
-    assert set(tasks["image.classify"]) == {"accuracy", "samples"} and tasks["image.classify"]["samples"] == 3
+    img = tasks["image.classify"]
+    assert set(img) == {"accuracy", "samples", "n", "ci95", "per_item"} and img["samples"] == 3
+    assert img["n"] == {"accuracy": 3} and img["ci95"]["accuracy"] == list(wilson(round(img["accuracy"] * 3), 3))
+    assert len(img["per_item"]["accuracy"]) == 3 and sum(img["per_item"]["accuracy"]) / 3 == img["accuracy"]
     assert tasks["image.classify.fr"]["samples"] == 2
-    assert set(tasks["text.translate.en-fr"]) == {"chrf", "bleu", "exact_match", "samples"}
+    text = tasks["text.translate.en-fr"]
+    assert set(text) == {"chrf", "bleu", "exact_match", "samples", "n", "ci95", "breakdown", "per_item"}
+    assert {k: c["n"]["chrf"] for k, c in text["breakdown"].items()} == {
+        "domain=numbers": 3, "domain=territories": 1, "number=0-20": 2, "number=21-99": 1,
+        "src_form=hyphen": 1, "src_form=plain": 2}
+    assert set(text["breakdown"]["number=21-99"]) == {"chrf", "exact_match", "n", "ci95"}  # no BLEU of a number
     code = tasks["code.complete"]
     assert code["next_line_samples"] == 2 and code["samples"] == 3
     assert code["bpb_ratio"] == pytest.approx(code["bits_per_byte"] / code["baseline_bits_per_byte"])
+    assert code["n"]["exact_match_next_line"] == 2 and code["n"]["bits_per_byte"] == 3
+    assert {k: c["n"]["bits_per_byte"] for k, c in code["breakdown"].items()} == {"mode=body": 1, "mode=next_lines": 2}
+    assert sum(code["per_item"]["bits"]) / sum(code["per_item"]["bytes"]) == pytest.approx(code["bits_per_byte"])
     ctl_m = tasks["control.cartpole-v1"]
     assert ctl_m["episodes"] == 2 and ctl_m["normalized_return"] == pytest.approx((ctl_m["return"] - 20) / 480)
+    assert ctl_m["n"]["normalized_return"] == 2 and len(ctl_m["per_item"]["normalized_return"]) == 2
+    assert np.mean(ctl_m["per_item"]["normalized_return"]) == pytest.approx(ctl_m["normalized_return"])
+    ctl_mean = results["summary"]["control"]
+    assert ctl_mean["tasks"] == ["control.cartpole-v1"] and ctl_mean["n"] == {"normalized_return": 2}
+    assert ctl_mean["normalized_return"] == pytest.approx(ctl_m["normalized_return"])
+    assert results["summary"]["image"]["tasks"] == ["image.classify"]  # not the held-out composition
     meta = results["meta"]
     assert meta["control_baselines"]["CartPole-v1"]["source"] == "manifest"
-    assert meta["split"] == "test" and meta["seed"] == 10_000
+    assert meta["split"] == "test" and meta["seed"] == 10_000 and meta["intervals"]["level"] == 0.95
 
     table = markdown_table(results)
-    lines = table.strip().splitlines()
-    assert len(lines) == 2 + 5 and lines[0].startswith("| task | accuracy |")
-    assert "| image.classify.fr |" in table and "bits_per_byte" in lines[0]
+    main, breakdown = table.strip().split("\n\n")
+    lines = main.splitlines()
+    assert lines[0] == "| task | n | metric | value | 95% CI |"
+    assert "| image.classify.fr | 2 | accuracy |" in table and "| code.complete | 3 | bits_per_byte |" in table
+    assert "| text.translate.en-fr | 4 | chrf |" in table and "per_item" not in table
+    assert breakdown.splitlines()[0] == "| task | group | n | metrics: value [95% CI] |"
+    assert "| text.translate.en-fr | number=21-99 | 1 | chrf " in breakdown
+    flat = flat_metrics(results)
+    assert flat["eval/image.classify/accuracy"] == img["accuracy"]
+    assert flat["eval/text.translate.en-fr/domain=numbers/chrf"] == text["breakdown"]["domain=numbers"]["chrf"]
+    assert flat["eval/mean/control/normalized_return"] == ctl_mean["normalized_return"]
     out = tmp_path / "report" / "results.json"
     write_json(results, out)
-    assert json.loads(out.read_text())["tasks"]["image.classify"]["samples"] == 3
+    back = json.loads(out.read_text())
+    assert back["tasks"]["image.classify"]["samples"] == 3 and back["summary"]["control"]["tasks"]
     assert [p.name for p in out.parent.iterdir()] == ["results.json"]  # no temp file left
+
+
+ALL_TASKS = ["audio.transcribe", "code.complete", "image.classify", "image.classify.fr", "text.translate.en-fr",
+             "control.cartpole-v1"]
+COUNTS = {"samples", "episodes", "next_line_samples", "nonfinite_episodes"}
+
+
+@pytest.fixture(scope="module")
+def every_task(um, shards):
+    return evaluate(um, shards, tasks=ALL_TASKS, episodes=3)
+
+
+def _check_intervals(metrics: dict, where: str):
+    shown = {k for k, v in metrics.items() if isinstance(v, float) and k not in COUNTS}
+    assert shown and set(metrics["n"]) == set(metrics["ci95"]) == shown, where
+    for k in shown:
+        (lo, hi), v = metrics["ci95"][k], metrics[k]
+        assert metrics["n"][k] > 0 and lo <= v <= hi, (where, k, v, lo, hi)
+
+
+def test_every_metric_has_n_and_an_interval(every_task):
+    tasks = every_task["tasks"]
+    assert list(tasks) == ALL_TASKS
+    for name, metrics in tasks.items():
+        _check_intervals(metrics, name)
+        for label, cell in metrics.get("breakdown", {}).items():
+            _check_intervals(cell, f"{name} {label}")
+    assert set(tasks["control.cartpole-v1"]["ci95"]) == {"return", "normalized_return", "return_std"}
+    assert set(tasks["code.complete"]["ci95"]) == {"exact_match_next_line", "bits_per_byte", "bits_per_token",
+                                                   "baseline_bits_per_byte", "bpb_ratio"}
+    for family in ("audio", "control", "image"):
+        _check_intervals(every_task["summary"][family], family)
+
+
+def test_the_table_has_a_row_per_task_metric_and_no_empty_cells(every_task):
+    table = markdown_table(every_task)
+    main, breakdown = table.strip().split("\n\n")
+    for part, width in ((main, 5), (breakdown, 4)):
+        for line in part.splitlines():
+            cells = [c.strip() for c in line.strip("|").split("|")]
+            assert len(cells) == width and all(cells), line
+    rows = [line.split(" | ")[0].lstrip("| ") for line in main.splitlines()[2:]]
+    tasks = every_task["tasks"]
+    assert rows == [t for t in ALL_TASKS for _ in range(
+        {"audio": 1, "code": 4, "image": 1, "text": 3, "control": 2}[t.split(".")[0]])]  # headline metrics only
+    assert len(breakdown.splitlines()) == 2 + sum(len(m.get("breakdown", {})) for m in tasks.values())
+
+
+def test_summary_averages_task_means_and_the_table_shows_it():
+    tasks = {"control.cartpole-v1": {"normalized_return": 0.5, "per_item": {"normalized_return": [0.0, 1.0] * 5}},
+             "control.pendulum-v1": {"normalized_return": 1.0, "per_item": {"normalized_return": [1.0, 1.0]}},
+             "control.acrobot-v1": {"normalized_return": NAN, "per_item": {"normalized_return": [NAN]}},  # no expert
+             "image.classify": {"accuracy": 0.5, "n": {"accuracy": 2}, "ci95": {"accuracy": [0.1, 0.9]},
+                                "per_item": {"accuracy": [0, 1]}},
+             "image.classify.fr": {"accuracy": 0.0, "per_item": {"accuracy": [0, 0]}}}  # held out
+    got = summary(tasks)
+    assert got["control"]["tasks"] == ["control.cartpole-v1", "control.pendulum-v1"]
+    assert got["control"]["normalized_return"] == 0.75 and got["control"]["n"] == {"normalized_return": 12}
+    lo, hi = stratified_mean([[0.0, 1.0] * 5, [1.0, 1.0]])[2]
+    assert got["control"]["ci95"] == {"normalized_return": [lo, hi]} and 0.5 < lo < 0.75 < hi < 1.0
+    assert got["image"] == {"accuracy": 0.5, "n": {"accuracy": 2}, "ci95": {"accuracy": [0.1, 0.9]},
+                            "tasks": ["image.classify"]}  # one task: its own (Wilson) interval
+    table = markdown_table({"tasks": tasks, "summary": got})
+    assert f"| control mean (2 tasks) | 12 | normalized_return | 0.750 | [{lo:.3f}, {hi:.3f}] |" in table
+    assert "image mean" not in table
 
 
 def test_evaluate_explicit_tasks_and_audio_subsets(um, shards):
     results = evaluate(um, shards, tasks=["audio.transcribe"], max_samples_per_task=10)
     audio = results["tasks"]["audio.transcribe"]
-    assert set(audio) == {"accuracy", "accuracy_digits", "exact_match_phrases", "samples"}
+    assert set(audio) == {"accuracy", "samples", "n", "ci95", "breakdown", "per_item"}
     assert audio["samples"] == 3
+    assert {k: c["n"]["accuracy"] for k, c in audio["breakdown"].items()} == {
+        "subset=digits/heldout_voice=false": 1, "subset=digits/heldout_voice=true": 1,
+        "subset=phrases/heldout_voice=false": 1, "subset=phrases/text_in_train=true": 1,
+        "accent=in": 1, "accent=us": 2}
     capped = evaluate(um, shards, tasks=["image.classify"], max_samples_per_task=2)
     assert capped["tasks"]["image.classify"]["samples"] == 2
     with pytest.raises(InputError, match="unknown task"):
@@ -253,9 +411,13 @@ def test_evaluate_known_metrics_with_a_uniform_model(toks, shards):
     cfg = ModelConfig(vocab_size=toks.vocab.size, n_layer=1, n_head=1, d_model=8, max_seq_len=96,
                       continuous=toks.continuous_dims)
     fake = Unimodal(Uniform(cfg), toks, tasks=TASKS, seq_len=96)
-    results = evaluate(fake, shards, tasks=["code.complete", "image.classify"])
+    results = evaluate(fake, shards, tasks=["code.complete", "image.classify", "text.translate.en-fr"])
     code, img = results["tasks"]["code.complete"], results["tasks"]["image.classify"]
     assert img["accuracy"] == 0.0 and code["exact_match_next_line"] == 0.0
+    assert img["ci95"]["accuracy"] == [0.0, pytest.approx(wilson(0, 3)[1])]
+    for label, cell in results["tasks"]["text.translate.en-fr"]["breakdown"].items():
+        n = cell["n"]["exact_match"]
+        assert cell["exact_match"] == 0.0 and cell["ci95"]["exact_match"] == list(wilson(0, n)), label
     comps = ["    return x + 1\n", "    print(i)\n    print(i)\n", "    return 2\n"]
     off, V = toks.code.offset, toks.code.size
     ids = [toks.code.encode(c).ids - off for c in comps]
@@ -265,3 +427,4 @@ def test_evaluate_known_metrics_with_a_uniform_model(toks, shards):
     p = (counts + 1) / (counts.sum() + V)
     baseline = -sum(np.log2(p[x]).sum() for x in ids) / n_bytes
     assert code["baseline_bits_per_byte"] == pytest.approx(baseline, rel=1e-9)
+

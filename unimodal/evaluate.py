@@ -3,13 +3,20 @@
 Per task family (every task, held-out compositions such as ``image.classify.fr`` too, is
 reported under its own name):
 
-| task | metrics |
-| --- | --- |
-| image.classify* | ``accuracy``: exact match after strip + lower-case |
-| audio.transcribe* | ``accuracy``; per subset of the sample json: ``accuracy_digits``, ``exact_match_phrases`` |
-| text.translate.* | corpus ``chrf`` and ``bleu`` (sacrebleu, 0..100), ``exact_match`` (strip + lower) |
-| code.complete | ``exact_match_next_line`` (mode 'next_lines'), ``bits_per_byte`` of the reference completions under teacher forcing, ``baseline_bits_per_byte`` of an add-one unigram over code ids fitted on the train split, ``bpb_ratio`` |
-| control.* | closed-loop ``return`` (mean over episodes) and ``normalized_return`` = (return - random) / (expert - random); ``nonfinite_episodes``: episodes cut short by a non-finite observation or reward |
+| task | metrics | breakdown (by the sample json, when it has the field) |
+| --- | --- | --- |
+| image.classify* | ``accuracy``: exact match after strip + lower-case | |
+| audio.transcribe* | ``accuracy`` | subset x ``heldout_voice``, phrases x ``text_in_train``, ``accent`` |
+| text.translate.* | corpus ``chrf`` and ``bleu`` (sacrebleu, 0..100), ``exact_match`` (strip + lower) | ``domain``, ``number`` in 0-20, 21-99, 100-999, 1000-9999, >=10000, ``src_form`` (chrF and exact match) |
+| code.complete | ``exact_match_next_line`` (mode 'next_lines'), ``bits_per_byte`` of the reference completions under teacher forcing, ``baseline_bits_per_byte`` of an add-one unigram over code ids fitted on the train split, ``bpb_ratio`` | ``mode`` (bits per byte) |
+| control.* | closed-loop ``return`` (mean over episodes) and ``normalized_return`` = (return - random) / (expert - random); ``nonfinite_episodes``: episodes cut short by a non-finite observation or reward | |
+
+Every metric comes with its ``n`` and 95% interval (``ci95``, see unimodal/stats.py): Wilson's
+for accuracies and exact matches, a percentile bootstrap over samples for chrF, BLEU (the
+corpus score of resampled sentences) and bits per byte (a ratio of sums), over episodes for
+returns. A task's ``per_item`` keeps the 0/1 score of each sample (bits and bytes for code,
+returns for control) in one fixed order, and ``summary`` the mean over each family's tasks
+(control: normalised return) with an interval that resamples items within each task.
 
 Answers are decoded greedily and constrained to the answer's vocabulary range, several
 prompts at a time. Decoding stops at ``<eos>`` or at twice the reference's length in
@@ -33,6 +40,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import sys
 import time
 from collections import Counter, defaultdict
@@ -47,6 +55,7 @@ from unimodal.data_pipelines.loader import iter_split, resolve_shards
 from unimodal.data_pipelines.packing import sample_length
 from unimodal.data_pipelines.tasks import BadSample, Control, get_task
 from unimodal.generate import ControlRunner, InputError, Unimodal, resolve_task
+from unimodal.stats import N_BOOT, bootstrap, wilson
 from unimodal.tokenizers.action import ActionSpace
 
 
@@ -67,14 +76,60 @@ def accuracy(preds: Sequence[str], refs: Sequence[str]) -> float:
     return sum(normalize(p) == normalize(r) for p, r in zip(preds, refs)) / len(refs)
 
 
-def translation_scores(hyps: Sequence[str], refs: Sequence[str]) -> dict[str, float]:
-    """Corpus-level ``chrf`` and ``bleu`` (sacrebleu, 0..100) and ``exact_match`` (0..1)."""
-    import sacrebleu
+Scored = tuple[float, int, tuple[float, float]]  # (value, n, 95% interval)
+
+
+def rate(hits: Sequence[bool]) -> Scored:
+    """A proportion in [0, 1] of ``hits`` with its Wilson interval (NaN for none)."""
+    k, n = int(sum(hits)), len(hits)
+    return (k / n if n else float("nan"), n, wilson(k, n))
+
+
+def mean_of(values: Sequence[float]) -> Scored:
+    """The mean of ``values`` (e.g. episode returns) with its bootstrap interval."""
+    return (float(np.mean(values)) if len(values) else float("nan"), len(values), bootstrap(values))
+
+
+def _div(a: float, b: float) -> float:
+    return float(a / b) if b else float("nan")
+
+
+def ratio_of_sums(num: np.ndarray, den: np.ndarray) -> Scored:
+    """sum(num) / sum(den) (bits per byte: bits over bytes) with a bootstrap interval that
+    resamples the (num, den) pairs of the items."""
+    num, den = np.asarray(num, np.float64), np.asarray(den, np.float64)
+    stat = lambda idx: _div(num[idx].sum(), den[idx].sum())  # noqa: E731
+    return (stat(np.arange(len(num))), len(num), bootstrap(range(len(num)), stat))
+
+
+def corpus_score(metric, stats: np.ndarray) -> Scored:
+    """A sacrebleu corpus score (0..100) from its per-sentence statistics float [n, k], with a
+    bootstrap interval resampling the sentences (what sacrebleu's own bootstrap does)."""
+    stat = lambda idx: float(metric._compute_score_from_stats(stats[idx].sum(0)).score)  # noqa: E731
+    return (stat(np.arange(len(stats))), len(stats), bootstrap(range(len(stats)), stat))
+
+
+def translation_metrics(hyps: Sequence[str], refs: Sequence[str], bleu: bool = True) -> dict[str, Scored]:
+    """Corpus ``chrf`` and ``bleu`` (sacrebleu's defaults, 0..100) and ``exact_match`` (0..1)."""
+    from sacrebleu.metrics import BLEU, CHRF
 
     hyps, refs = [h.strip() for h in hyps], [r.strip() for r in refs]
-    return {"chrf": float(sacrebleu.corpus_chrf(hyps, [refs]).score),
-            "bleu": float(sacrebleu.corpus_bleu(hyps, [refs]).score),
-            "exact_match": accuracy(hyps, refs)}
+    out = {}
+    for name, metric in {"chrf": CHRF(), **({"bleu": BLEU()} if bleu else {})}.items():
+        out[name] = corpus_score(metric, np.asarray(metric._extract_corpus_statistics(hyps, [refs]), np.float64))
+    out["exact_match"] = rate([normalize(h) == normalize(r) for h, r in zip(hyps, refs)])
+    return out
+
+
+def translation_scores(hyps: Sequence[str], refs: Sequence[str]) -> dict[str, float]:
+    """Corpus-level ``chrf`` and ``bleu`` (sacrebleu, 0..100) and ``exact_match`` (0..1)."""
+    return {k: v for k, (v, _, _) in translation_metrics(hyps, refs).items()}
+
+
+def scored(metrics: dict[str, Scored]) -> dict[str, Any]:
+    """``{metric: value, ..., "n": {metric: n}, "ci95": {metric: [lo, hi]}}``."""
+    return {**{k: v for k, (v, _, _) in metrics.items()}, "n": {k: n for k, (_, n, _) in metrics.items()},
+            "ci95": {k: list(ci) for k, (_, _, ci) in metrics.items()}}
 
 
 def first_line(s: str) -> str:
@@ -107,6 +162,64 @@ def normalized_return(ret: float, expert: float, random: float) -> float:
     if expert == random:
         return float("nan")
     return (ret - random) / (expert - random)
+
+
+# --------------------------------------------------------------------------------------
+# breakdowns by the sample json's metadata
+# --------------------------------------------------------------------------------------
+NUMBER_BINS = ((0, 20), (21, 99), (100, 999), (1000, 9999), (10000, None))
+
+
+def number_bin(n: int) -> str | None:
+    """The size bin of a number: '0-20', '21-99', '100-999', '1000-9999' or '>=10000'."""
+    for lo, hi in NUMBER_BINS:
+        if lo <= n and (hi is None or n <= hi):
+            return f"{lo}-{hi}" if hi is not None else f">={lo}"
+    return None
+
+
+def _label(field: str, value: Any) -> str | None:
+    """``field=value`` of a metadata value (bools as true / false); None if absent."""
+    if isinstance(value, bool):
+        return f"{field}={str(value).lower()}"
+    return f"{field}={value}" if isinstance(value, (str, int)) and value != "" else None
+
+
+def _join(*labels: str | None) -> str | None:
+    return "/".join(x for x in labels if x) or None
+
+
+# label functions of a sample's json, per family; a sample is in at most one group of each
+GROUPS: dict[str, tuple[Callable[[dict], str | None], ...]] = {
+    "text": (lambda m: _label("domain", m.get("domain")),
+             lambda m: (_label("number", number_bin(m["number"]))
+                        if isinstance(m.get("number"), int) and not isinstance(m["number"], bool) else None),
+             lambda m: _label("src_form", m.get("src_form"))),
+    "audio": (lambda m: _join(_label("subset", m.get("subset")), _label("heldout_voice", m.get("heldout_voice"))),
+              lambda m: (_join(_label("subset", m.get("subset")), _label("text_in_train", m["text_in_train"]))
+                         if isinstance(m.get("text_in_train"), bool) else None),
+              lambda m: _label("accent", m.get("accent"))),
+    "code": (lambda m: _label("mode", m.get("mode")),),
+}
+
+
+def _natural(label: str) -> list:
+    """Sort key that puts number=21-99 before number=100-999."""
+    return [int(x) if x.isdigit() else x for x in re.split(r"(\d+)", label)]
+
+
+def groups(metas: Sequence[dict], family: str) -> dict[str, list[int]]:
+    """``{label: indices into metas}`` of the family's breakdowns, e.g. 'domain=numbers',
+    'number=21-99', 'subset=digits/heldout_voice=true'; groups of absent metadata are left out."""
+    out: dict[str, list[int]] = {}
+    for keyer in GROUPS.get(family, ()):
+        found: dict[str, list[int]] = defaultdict(list)
+        for i, m in enumerate(metas):
+            label = keyer(m)
+            if label:
+                found[label].append(i)
+        out.update(sorted(found.items(), key=lambda kv: _natural(kv[0])))
+    return out
 
 
 # --------------------------------------------------------------------------------------
@@ -183,11 +296,15 @@ def control_baselines(env_id: str, manifest: dict | None, episodes: int = 20,
     return out
 
 
-def control_metrics(rets: Sequence[float], baseline: dict) -> dict[str, float]:
-    """``return`` (mean), ``normalized_return``, ``return_std`` and ``episodes``."""
+def control_metrics(rets: Sequence[float], baseline: dict) -> dict[str, Any]:
+    """``return`` (mean), ``normalized_return``, ``return_std`` and ``episodes``, with their
+    ``n`` and bootstrap ``ci95`` over episodes and the ``per_item`` values of each episode."""
+    norm = [normalized_return(r, baseline["expert"], baseline["random"]) for r in rets]
     mean = float(np.mean(rets))
-    return {"return": mean, "normalized_return": normalized_return(mean, baseline["expert"], baseline["random"]),
-            "return_std": float(np.std(rets)), "episodes": len(rets)}
+    out = scored({"return": mean_of(rets), "normalized_return": mean_of(norm),
+                  "return_std": (float(np.std(rets)), len(rets), bootstrap(rets, np.std))})
+    out["normalized_return"] = normalized_return(mean, baseline["expert"], baseline["random"])
+    return {**out, "episodes": len(rets), "per_item": {"return": list(rets), "normalized_return": norm}}
 
 
 def evaluate_control(um: Unimodal, task_name: str, manifest: dict | None = None, episodes: int = 20,
@@ -252,15 +369,16 @@ def generate_answers(um: Unimodal, task_name: str, samples: Sequence[dict], batc
 
 
 def code_bits(um: Unimodal, samples: Sequence[dict], skipped: Counter | None = None
-              ) -> tuple[float, int, int, list[np.ndarray]]:
+              ) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[np.ndarray], list[dict]]:
     """Teacher-forced bits of the reference completions of code.complete ``samples``.
 
-    Returns (total bits, completion tokens, completion UTF-8 bytes, completion local ids
-    per scored sample). Samples longer than the training row length are skipped.
+    Returns, per scored sample: bits float [n], completion tokens int [n], completion UTF-8
+    bytes int [n], completion local ids, and the samples scored. Samples longer than the
+    training row length are skipped.
     """
     task = get_task("code.complete")
     skipped = skipped if skipped is not None else Counter()
-    spans_list, n_bytes, local = [], 0, []
+    bits, n_tok, n_bytes, local, kept = [], [], [], [], []
     off = um.toks.code.offset
     for s in samples:
         try:
@@ -268,12 +386,14 @@ def code_bits(um: Unimodal, samples: Sequence[dict], skipped: Counter | None = N
         except BadSample as e:
             skipped[e.reason] += 1
             continue
-        comp = task.answer(s)
-        spans_list.append(spans)
-        n_bytes += len(comp.encode("utf-8"))
+        b, n = um.target_bits([spans], "code", rows=1)  # one at a time: bits per sample
+        bits.append(b)
+        n_tok.append(n)
+        n_bytes.append(len(task.answer(s).encode("utf-8")))
+        kept.append(s)
         local.append(spans[-2].ids - off)  # answer_spans: completion, then <eos>
-    bits, n = um.target_bits(spans_list, "code") if spans_list else (0.0, 0)
-    return bits, n, n_bytes, local
+    return (np.asarray(bits, np.float64), np.asarray(n_tok, np.int64), np.asarray(n_bytes, np.int64),
+            local, kept)
 
 
 def train_unigram(um: Unimodal, shards: str, split: str = "train") -> np.ndarray | None:
@@ -335,9 +455,11 @@ def evaluate(model: Unimodal, shards: str, split: str = "test", tasks: Sequence[
             (the first few of each task, inputs included) for logging.
 
     Returns:
-        ``{"tasks": {name: {metric: value}}, "meta": {...}}``; accuracies and exact
-        matches in [0, 1], chrF and BLEU in 0..100, bits per byte in bits per UTF-8 byte,
-        returns in the environment's units.
+        ``{"tasks": {name: {metric: value, "n": {metric: n}, "ci95": {metric: [lo, hi]},
+        "breakdown": {label: {metric: value, "n": .., "ci95": ..}}, "per_item": {..}}},
+        "summary": {family: {metric: value, "n": .., "ci95": .., "tasks": [...]}},
+        "meta": {...}}``; accuracies and exact matches in [0, 1], chrF and BLEU in 0..100,
+        bits per byte in bits per UTF-8 byte, returns in the environment's units.
     """
     from tqdm import tqdm
 
@@ -406,82 +528,136 @@ def evaluate(model: Unimodal, shards: str, split: str = "test", tasks: Sequence[
         "tasks": meta_tasks, "control_baselines": baselines,
         "read": {k: v for k, v in read.items()},
         "torch": torch.__version__, "threads": torch.get_num_threads(),
+        "intervals": {"level": 0.95, "proportions": "Wilson score",
+                      "others": f"percentile bootstrap over items, {N_BOOT} resamples, seed 0",
+                      "summary": "bootstrap resampling items within each task"},
         "seconds": round(time.perf_counter() - t_start, 2),
     }
-    return {"tasks": results, "meta": meta}
+    return {"tasks": results, "summary": summary(results), "meta": meta}
+
+
+# the family means of ``summary``: metrics that are a mean over per_item values
+FAMILY_MEAN = {"image": "accuracy", "audio": "accuracy", "text": "exact_match", "control": "normalized_return"}
+
+
+def stratified_mean(parts: Sequence[Sequence[float]], n_boot: int = N_BOOT, seed: int = 0) -> Scored:
+    """The mean of the parts' means, with a percentile bootstrap interval that resamples the
+    items within each part (the tasks stay fixed, their episodes or samples vary)."""
+    rng = np.random.default_rng(seed)
+    arrs = [np.asarray(g, np.float64) for g in parts]
+    means = [a[rng.integers(0, len(a), size=(n_boot, len(a)))].mean(axis=1) for a in arrs]  # each (n_boot,)
+    lo, hi = np.quantile(np.mean(means, axis=0), [0.025, 0.975])
+    return float(np.mean([a.mean() for a in arrs])), sum(map(len, arrs)), (float(lo), float(hi))
+
+
+def _held_out(name: str) -> bool:
+    try:
+        return get_task(name).held_out
+    except KeyError:
+        return False
+
+
+def summary(tasks: dict[str, dict]) -> dict[str, dict]:
+    """Per family of ``FAMILY_MEAN``: the mean of its metric over the family's tasks (held-out
+    compositions aside, and tasks where it is NaN, e.g. control without an expert) with
+    ``n`` (items in all), ``ci95`` (``stratified_mean``; a single task's own) and the
+    ``tasks`` averaged."""
+    out = {}
+    for family, metric in FAMILY_MEAN.items():
+        names = [t for t, m in tasks.items() if t.split(".")[0] == family and not _held_out(t)
+                 and metric in (m.get("per_item") or {}) and math.isfinite(m.get(metric, math.nan))]
+        if not names:
+            continue
+        if len(names) == 1:  # the task's own (Wilson's) interval, not a bootstrap's (x, x) at 0 or 1
+            m = tasks[names[0]]
+            value = (m[metric], m["n"][metric], m["ci95"][metric])
+        else:
+            value = stratified_mean([tasks[t]["per_item"][metric] for t in names])
+        out[family] = {**scored({metric: value}), "tasks": names}
+    return out
+
+
+def _meta(s: dict) -> dict:
+    return s.get("json") or {}
+
+
+def _breakdown(metas: Sequence[dict], family: str, metrics_of: Callable[[list[int]], dict[str, Scored]]
+               ) -> dict[str, Any]:
+    """``{"breakdown": {label: scored(metrics_of(indices))}}`` of the family's groups, or {}."""
+    found = groups(metas, family)
+    return {"breakdown": {k: scored(metrics_of(idx)) for k, idx in found.items()}} if found else {}
+
+
+def _pick(xs: Sequence, idx: Sequence[int]) -> list:
+    return [xs[i] for i in idx]
+
+
+def _code_task(um: Unimodal, name: str, samples: list[dict], shards: str, batch_size: int,
+               skipped: Counter, bar) -> dict[str, Any]:
+    """code.complete: next-line exact match, and bits per byte against the unigram baseline
+    (per mode too)."""
+    nxt = [s for s in samples if _meta(s).get("mode") == "next_lines"]
+    hits: list[int] = []
+    if nxt:
+        preds, refs, _ = generate_answers(um, name, nxt, batch_size, skipped, line_only=True, bar=bar)
+        hits = [int(first_line(p) == first_line(r)) for p, r in zip(preds, refs)]
+    if bar is not None:
+        bar.update(len(samples) - len(nxt))
+    bits, n_tok, n_bytes, local, kept = code_bits(um, samples, skipped)
+    counts = train_unigram(um, shards) if n_bytes.sum() else None
+    base = None if counts is None else np.array([unigram_bits(counts, [x]) for x in local])
+
+    def metrics_of(idx):
+        if not n_bytes[idx].sum():
+            return {}
+        out = {"bits_per_byte": ratio_of_sums(bits[idx], n_bytes[idx]),
+               "bits_per_token": ratio_of_sums(bits[idx], n_tok[idx])}
+        if base is not None:
+            out["baseline_bits_per_byte"] = ratio_of_sums(base[idx], n_bytes[idx])
+            out["bpb_ratio"] = ratio_of_sums(bits[idx], base[idx])  # the bytes cancel
+        return out
+
+    whole = {**({"exact_match_next_line": rate(hits)} if nxt else {}), **metrics_of(np.arange(len(kept)))}
+    per_item = {"exact_match_next_line": hits, "bits": bits.tolist(), "tokens": n_tok.tolist(),
+                "bytes": n_bytes.tolist(), **({"baseline_bits": base.tolist()} if base is not None else {})}
+    return {**scored(whole), **({"next_line_samples": len(hits)} if nxt else {}), "samples": len(kept),
+            **_breakdown([_meta(s) for s in kept], "code", metrics_of), "per_item": per_item}
 
 
 def _sample_task(um: Unimodal, name: str, samples: list[dict], shards: str, batch_size: int,
-                 skipped: Counter, bar, examples: dict | None = None) -> dict[str, float]:
-    """Metrics of one non-control task on its samples (a few (sample, prediction,
-    reference) go into ``examples`` when given)."""
+                 skipped: Counter, bar, examples: dict | None = None) -> dict[str, Any]:
+    """Metrics of one non-control task on its samples, each with its ``n`` and ``ci95``, a
+    ``breakdown`` by the samples' metadata and the ``per_item`` 0/1 scores (a few (sample,
+    prediction, reference) go into ``examples`` when given)."""
     family = name.split(".")[0]
     if family == "code":
-        out: dict[str, float] = {}
-        nxt = [s for s in samples if (s.get("json") or {}).get("mode") == "next_lines"]
-        if nxt:
-            preds, refs, _ = generate_answers(um, name, nxt, batch_size, skipped, line_only=True, bar=bar)
-            out["exact_match_next_line"] = next_line_match(preds, refs)
-            out["next_line_samples"] = len(refs)
-        if bar is not None:
-            bar.update(len(samples) - len(nxt))
-        bits, n_tok, n_bytes, local = code_bits(um, samples, skipped)
-        if n_bytes:
-            out["bits_per_byte"] = bits / n_bytes
-            out["bits_per_token"] = bits / max(1, n_tok)
-            counts = train_unigram(um, shards)
-            if counts is not None:
-                out["baseline_bits_per_byte"] = unigram_bits(counts, local) / n_bytes
-                out["bpb_ratio"] = out["bits_per_byte"] / out["baseline_bits_per_byte"]
-        out["samples"] = len(local)
-        return out
-
+        return _code_task(um, name, samples, shards, batch_size, skipped, bar)
     preds, refs, kept = generate_answers(um, name, samples, batch_size, skipped, bar=bar)
     if examples is not None:
         examples[name] = [(s, p, r) for s, p, r in zip(kept[:4], preds[:4], refs[:4])]
-    if family == "text":
-        out = translation_scores(preds, refs)
-        domains: dict[str, list[int]] = defaultdict(list)
-        for i, s in enumerate(kept):
-            domain = (s.get("json") or {}).get("domain")
-            if isinstance(domain, str) and domain:
-                domains[domain].append(i)
-        for domain, idx in sorted(domains.items()):  # e.g. chrf_numbers: the number words alone
-            scores = translation_scores([preds[i] for i in idx], [refs[i] for i in idx])
-            out[f"chrf_{domain}"] = scores["chrf"]
-            out[f"exact_match_{domain}"] = scores["exact_match"]
+    hits = [int(normalize(p) == normalize(r)) for p, r in zip(preds, refs)]
+    if family == "text":  # groups without BLEU: its 4-grams say little of one number's words
+        whole, key = translation_metrics(preds, refs), "exact_match"
+        metrics_of = lambda idx: translation_metrics(_pick(preds, idx), _pick(refs, idx), bleu=False)  # noqa: E731
     else:
-        out = {"accuracy": accuracy(preds, refs)}
-    if family == "audio":
-        groups: dict[str, list[int]] = defaultdict(list)
-        for i, s in enumerate(kept):
-            meta = s.get("json") or {}
-            subset = meta.get("subset")
-            if isinstance(subset, str) and subset:
-                groups[subset].append(i)
-                if meta.get("heldout_voice"):  # accents never heard in training
-                    groups[f"{subset}_heldout"].append(i)
-        for subset, idx in sorted(groups.items()):
-            base, _, tail = subset.partition("_")
-            key = {"digits": "accuracy_digits", "phrases": "exact_match_phrases"}.get(base, f"accuracy_{base}")
-            out[key + (f"_{tail}" if tail else "")] = accuracy([preds[i] for i in idx], [refs[i] for i in idx])
-    out["samples"] = len(refs)
-    return out
+        metrics_of = lambda idx: {"accuracy": rate(_pick(hits, idx))}  # noqa: E731
+        whole, key = metrics_of(range(len(hits))), "accuracy"
+    return {**scored(whole), "samples": len(refs), **_breakdown([_meta(s) for s in kept], family, metrics_of),
+            "per_item": {key: hits}}
 
 
 # --------------------------------------------------------------------------------------
 # reports
 # --------------------------------------------------------------------------------------
-_ORDER = ("accuracy", "accuracy_digits", "exact_match_phrases", "chrf", "bleu", "exact_match",
-          "exact_match_next_line", "bits_per_byte", "baseline_bits_per_byte", "bpb_ratio",
-          "return", "normalized_return", "samples", "episodes", "nonfinite_episodes")
-_HIDDEN = {"return_std", "bits_per_token", "next_line_samples"}
-_IF_NONZERO = {"nonfinite_episodes"}  # a column only when some task has one
+# the metrics a table shows, in this order, when a task has them; other numbers stay in the JSON
+_ORDER = ("accuracy", "chrf", "bleu", "exact_match", "exact_match_next_line", "bits_per_byte",
+          "baseline_bits_per_byte", "bpb_ratio", "return", "normalized_return")
+_COUNTS = ("samples", "episodes")
 
 
 def _fmt(v: Any) -> str:
     if v is None:
-        return ""
+        return "n/a"
     if isinstance(v, bool) or isinstance(v, int):
         return str(v)
     if isinstance(v, float):
@@ -491,17 +667,62 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
+def _ci(metrics: dict, metric: str) -> str:
+    lo, hi = (metrics.get("ci95") or {}).get(metric) or (None, None)
+    return "n/a" if _fmt(lo) == _fmt(hi) == "n/a" else f"[{_fmt(lo)}, {_fmt(hi)}]"
+
+
+def _n(metrics: dict, metric: str) -> str:
+    n = (metrics.get("n") or {}).get(metric)
+    return _fmt(n if n is not None else next((metrics[c] for c in _COUNTS if c in metrics), None))
+
+
+def _rows(name: str, metrics: dict) -> list[list[str]]:
+    """task | n | metric | value | 95% CI of each shown metric (nonfinite_episodes if any)."""
+    rows = [[name, _n(metrics, k), k, _fmt(metrics[k]), _ci(metrics, k)] for k in _ORDER if k in metrics]
+    if metrics.get("nonfinite_episodes"):
+        rows.append([name, _n(metrics, "return"), "nonfinite_episodes", _fmt(metrics["nonfinite_episodes"]), "-"])
+    return rows
+
+
+def _pairs(metrics: dict) -> str:
+    """'metric value [lo, hi]' of each shown metric, for one breakdown row."""
+    return ", ".join(f"{k} {_fmt(metrics[k])} {_ci(metrics, k)}" for k in _ORDER if k in metrics)
+
+
+def _table(header: Sequence[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header),
+            *("| " + " | ".join(r) + " |" for r in rows)]
+
+
 def markdown_table(results: dict) -> str:
-    """A Markdown table of ``evaluate``'s results: one row per task, metrics as columns
-    (NaN shows as n/a, infinities as inf / -inf)."""
+    """``evaluate``'s results as Markdown: a table of each task's metrics (one row per task and
+    metric: n, value, 95% interval), then the family means over 2 or more tasks, then a table
+    of the breakdowns (one row per task and group). NaN shows as n/a, infinities as inf / -inf."""
     tasks = results.get("tasks", results)
-    cols = {k for m in tasks.values() for k, v in m.items()
-            if k not in _HIDDEN and (k not in _IF_NONZERO or v)}
-    ordered = [c for c in _ORDER if c in cols] + sorted(cols - set(_ORDER))
-    lines = ["| task | " + " | ".join(ordered) + " |", "| --- |" + " --- |" * len(ordered)]
-    for name, metrics in tasks.items():
-        lines.append(f"| {name} | " + " | ".join(_fmt(metrics.get(c)) for c in ordered) + " |")
+    rows = [r for name, m in tasks.items() for r in _rows(name, m)]
+    for family, m in (results.get("summary") or {}).items():
+        if len(m.get("tasks", ())) > 1:
+            rows += _rows(f"{family} mean ({len(m['tasks'])} tasks)", m)
+    lines = _table(("task", "n", "metric", "value", "95% CI"), rows)
+    parts = [[name, label, _n(cell, next(iter(cell.get("n") or {}), "")), _pairs(cell)]
+             for name, m in tasks.items() for label, cell in (m.get("breakdown") or {}).items()]
+    if parts:
+        lines += ["", *_table(("task", "group", "n", "metrics: value [95% CI]"), parts)]
     return "\n".join(lines) + "\n"
+
+
+def flat_metrics(results: dict, prefix: str = "eval") -> dict[str, float]:
+    """Every number of ``results`` as ``{prefix/task/metric: value}`` (breakdowns as
+    ``prefix/task/label/metric``, family means as ``prefix/mean/family/metric``), for loggers."""
+    out = {}
+    for name, m in results.get("tasks", {}).items():
+        out.update({f"{prefix}/{name}/{k}": v for k, v in m.items() if isinstance(v, (int, float))})
+        for label, cell in (m.get("breakdown") or {}).items():
+            out.update({f"{prefix}/{name}/{label}/{k}": v for k, v in cell.items() if isinstance(v, (int, float))})
+    for family, m in (results.get("summary") or {}).items():
+        out.update({f"{prefix}/mean/{family}/{k}": v for k, v in m.items() if isinstance(v, (int, float))})
+    return out
 
 
 def _json_safe(x):
@@ -509,7 +730,9 @@ def _json_safe(x):
         return {str(k): _json_safe(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
         return [_json_safe(v) for v in x]
-    if isinstance(x, (np.integer,)):
+    if isinstance(x, np.bool_):
+        return bool(x)
+    if isinstance(x, np.integer):
         return int(x)
     if isinstance(x, (np.floating, float)):
         x = float(x)

@@ -448,7 +448,7 @@ def final_evaluation(cfg: TrainConfig, module, toks: Tokenizers, run_dir: Path, 
     """Evaluate last.ckpt on the test split: Markdown table on stdout, run_dir/eval.json, and
     to W&B the metrics plus a table of sample predictions with their real inputs. eval.json's
     ``meta.trained_steps`` says how far the run got, and ``meta.stopped`` why it ended early."""
-    from unimodal.evaluate import evaluate, markdown_table, write_json
+    from unimodal.evaluate import evaluate, flat_metrics, markdown_table, write_json
     from unimodal.generate import Unimodal
 
     t = time.perf_counter()
@@ -470,9 +470,7 @@ def final_evaluation(cfg: TrainConfig, module, toks: Tokenizers, run_dir: Path, 
     print(markdown_table(results), flush=True)
     print(f"wrote {run_dir / 'eval.json'}", flush=True)
     if trainer.logger:
-        flat = {f"eval/{task}/{k}": v for task, ms in results["tasks"].items()
-                for k, v in ms.items() if isinstance(v, (int, float))}
-        trainer.logger.log_metrics(flat, step=trainer.global_step)
+        trainer.logger.log_metrics(flat_metrics(results), step=trainer.global_step)
         log_prediction_table(trainer.logger, examples, model.toks)
     return results
 
