@@ -4,6 +4,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import tempfile
 
 import numpy as np
 import pytest
@@ -12,6 +13,9 @@ import torch
 from PIL import Image
 
 os.environ.setdefault("WANDB_MODE", "disabled")
+# the measured CPU peak is cached per machine; tests never write the user's ~/.cache
+os.environ.setdefault("UNIMODAL_PEAK_CACHE", os.path.join(tempfile.mkdtemp(prefix="unimodal-peak-"),
+                                                          "peak_flops.json"))
 
 TEXT_CORPUS = [
     "translate english to french.", "classify this image. answer in english.",

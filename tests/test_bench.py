@@ -18,6 +18,14 @@ QUICK = ["--json", "--repeats", "1", "--warmup", "1", "--steps", "1"]
 ENV_KEYS = {"device", "precision", "threads", "torch", "transformers", "commit", "preset"}
 
 
+@pytest.fixture(autouse=True)
+def peak_cache(tmp_path_factory, monkeypatch):
+    """Measured peaks go to one file of this session's tmp folder, never the user's cache."""
+    from unimodal import module
+    monkeypatch.setenv(module.PEAK_CACHE_ENV, str(tmp_path_factory.getbasetemp() / "peak_flops.json"))
+    monkeypatch.delenv(module.PEAK_FLOPS_ENV, raising=False)
+
+
 def run_json(capsys, argv: list[str]) -> dict:
     assert main(argv) == 0
     out = capsys.readouterr().out
@@ -33,6 +41,24 @@ def test_train_json(capsys):
         assert r["peer_tokens_per_s"] > 0 and r["ratio"] > 0
     else:
         assert r["peer_tokens_per_s"] is None and r["ratio"] is None
+    assert "measured now" in r["peak_source"] or "cached measurement" in r["peak_source"]
+
+
+def test_train_mfu_counts_the_head_at_the_targets_timed(capsys):
+    """MFU = tokens/s x flops_per_step(the rows' positions, their targets) per position /
+    the peak; --peak-flops sets the peak and the output says so."""
+    from unimodal.bench import BENCH_PRESETS, build_ours, model_config
+
+    r = run_json(capsys, ["train", "--preset", "tiny", "--peak-flops", "1e12", *QUICK, *PEER])
+    B, T = r["batch_size"], r["seq_len"]
+    assert r["peak_flops"] == 1e12 and r["peak_source"] == "override (--peak-flops)"
+    assert r["targets"] == B * (T - 4)  # 4 samples per row, the last position of each predicts nothing
+    model = build_ours(model_config("tiny", max_seq_len=BENCH_PRESETS["tiny"]["max_seq_len"]), torch.device("cpu"))
+    assert r["flops_per_token"] == model.flops_per_step(B * T, r["targets"], T) / (B * T)
+    assert r["mfu"] == pytest.approx(r["tokens_per_s"] * r["flops_per_token"] / 1e12)
+    if HAS_HF:  # the peer's head runs at every position
+        assert r["peer_flops_per_token"] == model.flops_per_step(B * T, B * T, T) / (B * T)
+        assert r["peer_mfu"] == pytest.approx(r["peer_tokens_per_s"] * r["peer_flops_per_token"] / 1e12)
 
 
 def test_generate_json(capsys):
@@ -62,7 +88,8 @@ def test_table_is_default(capsys):
     assert out.startswith("contestant") and "tokens/s" in out
 
 
-@pytest.mark.parametrize("argv", [["train", "--preset", "nope"], ["train", "--repeats", "0"]])
+@pytest.mark.parametrize("argv", [["train", "--preset", "nope"], ["train", "--repeats", "0"],
+                                  ["train", "--peak-flops", "0"]])
 def test_bad_flags_exit_2(capsys, argv):
     assert main([*argv, "--json"]) == 2
     assert capsys.readouterr().err.startswith("error:")

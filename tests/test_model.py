@@ -357,7 +357,9 @@ def test_preset_sizes(name, lo, hi):
     assert n_emb >= model.cfg.vocab_size * model.cfg.d_model
     T = model.cfg.max_seq_len
     c = model.cfg
-    assert model.flops_per_token(T) == 6 * (n - n_emb) + 12 * c.n_layer * c.d_model * T
+    inputs = sum(d * c.d_model for d in c.continuous.values())  # run at continuous positions only
+    assert model.flops_per_step(1, 1, T) == 6 * (n - n_emb - inputs) + 12 * c.n_layer * c.d_model * T
+    assert model.flops_per_step(1, 0, T) == model.flops_per_step(1, 1, T) - 6 * c.vocab_size * c.d_model
 
 
 def test_meta_build_then_materialise():

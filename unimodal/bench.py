@@ -1,11 +1,13 @@
 """`unimodal bench train|data|generate`: our speed against a peer and against the machine.
 
 - train: tokens/s of one full training step (forward, loss, backward, AdamW step) of our
-  Decoder on packed text rows, exactly as UnimodalModule runs it, and its MFU. On CPU the peak is a large matrix product
-  measured in the same run (bf16 and fp32, ``module.measure_matmul_flops``); on GPU it is
-  the datasheet figure (``module.device_peak_flops``). ``--peer hf`` times the same step
-  of Hugging Face's LlamaForCausalLM built with identical sizes, interleaved with ours in
-  every repeat (order alternating) so that drift in the machine hits both.
+  Decoder on packed text rows, exactly as UnimodalModule runs it, and its MFU: FLOPs as
+  training counts them (``Decoder.flops_per_step``: the head at the rows' targets only; the
+  peer's head at every position, as it runs) over ``module.device_peak_flops``, the datasheet
+  on GPU and on CPU a large matrix product measured once per CPU, threads and dtype and
+  cached (``--peak-flops`` overrides it; the output names the source). ``--peer hf`` times
+  the same step of Hugging Face's LlamaForCausalLM built with identical sizes, interleaved
+  with ours in every repeat (order alternating) so that drift in the machine hits both.
 - data: tokens/s of the training DataLoader (StreamDataset, 0, 1 and 2 workers) against
   what a training step of the same rows consumes, measured in the same run on batches
   from that loader.
@@ -168,16 +170,15 @@ class OtherLoad:
         return max(0.0, (busy - self.busy0) - (self._own() - self.own0)) / (time.perf_counter() - self.t0)
 
 
-def peak_flops(setup: Setup) -> dict:
-    """Peak FLOP/s to compute MFU against: measured matmuls on CPU, the datasheet on GPU."""
-    from unimodal.module import device_peak_flops, measure_matmul_flops
+def peak_flops(setup: Setup, override: float | None = None) -> dict:
+    """Peak FLOP/s to compute MFU against, and its source: ``override`` (``--peak-flops``), else
+    ``module.device_peak_flops`` (the datasheet on GPU, a measurement cached per CPU on CPU)."""
+    from unimodal.module import device_peak_flops
 
-    if setup.device.type == "cpu":
-        bf16, fp32 = measure_matmul_flops(torch.bfloat16), measure_matmul_flops(torch.float32)
-        peak = bf16 if setup.precision == "bf16" else fp32
-        return dict(peak_flops=peak, peak_flops_bf16=bf16, peak_flops_fp32=fp32,
-                    peak_source="measured 2048x2048 matmul")
-    return dict(peak_flops=device_peak_flops(setup.device, setup.dtype), peak_source="datasheet")
+    if override:
+        return dict(peak_flops=override, peak_source="override (--peak-flops)")
+    peak, source = device_peak_flops(setup.device, setup.dtype)
+    return dict(peak_flops=peak, peak_source=source)
 
 
 # ----------------------------------------------------------------------------- timing
@@ -359,13 +360,16 @@ def bench_train(args, setup: Setup) -> dict:
         if args.compile and not args.peer_eager:
             compile_blocks(peer.model.layers)
     units = {n: B * T for n in contestants}
-    peak = peak_flops(setup)
+    peak = peak_flops(setup, args.peak_flops)
     samples = interleaved(contestants, units, setup, args.repeats, args.warmup, args.steps)
-    flops_tok = model.flops_per_token(T)
+    # FLOPs per position of the rows timed: our head runs at their targets, the peer's at every position
+    targets = int(((batch.targets != -100) & (batch.weights != 0)).sum())
+    flops_tok = model.flops_per_step(B * T, targets, T) / (B * T)
+    peer_flops_tok = model.flops_per_step(B * T, B * T, T) / (B * T)
     ours = median(samples["unimodal"])
     peer_samples = samples.get(f"{args.peer} llama", [])
     peer_tps = median(peer_samples)
-    mfu = lambda tps: tps * flops_tok / peak["peak_flops"] if tps and peak["peak_flops"] else None  # noqa: E731
+    mfu = lambda tps, f: tps * f / peak["peak_flops"] if tps and peak["peak_flops"] else None  # noqa: E731
     return dict(
         bench="train", preset=args.preset, params=model.num_params(), batch_size=B, seq_len=T,
         attention="block-causal, %d samples/row" % SAMPLES_PER_ROW if packed else "causal",
@@ -373,8 +377,9 @@ def bench_train(args, setup: Setup) -> dict:
         compile=args.compile, peer_compile=bool(args.peer and args.compile and not args.peer_eager),
         repeats=args.repeats, warmup=args.warmup, steps=args.steps,
         tokens_per_s=ours, peer=args.peer, peer_tokens_per_s=peer_tps,
-        ratio=paired_ratio(samples["unimodal"], peer_samples), mfu=mfu(ours), peer_mfu=mfu(peer_tps),
-        flops_per_token=flops_tok, **peak, samples=samples, **environment(setup))
+        ratio=paired_ratio(samples["unimodal"], peer_samples), mfu=mfu(ours, flops_tok),
+        peer_mfu=mfu(peer_tps, peer_flops_tok), flops_per_token=flops_tok, peer_flops_per_token=peer_flops_tok,
+        targets=targets, **peak, samples=samples, **environment(setup))
 
 
 # ----------------------------------------------------------------------------- data
@@ -582,8 +587,8 @@ def table(result: dict) -> str:
         settings = (f"preset {result['preset']} ({result['params'] / 1e6:.1f}M), batch {result['batch_size']} x "
                     f"{result['seq_len']}, {result['attention']} ({result['attention_kernel']}), compile {result['compile']}"
                     f"{' (peer eager)' if result['compile'] and result['peer'] and not result['peer_compile'] else ''}, peak "
-                    f"{_fmt(result['peak_flops'] / 1e9 if result['peak_flops'] else None, '.0f')} GFLOP/s "
-                    f"({result['peak_source']})")
+                    f"{_fmt(result['peak_flops'] / 1e9 if result['peak_flops'] else None, '.0f')} GFLOP/s: "
+                    f"{result['peak_source']}")
     elif kind == "data":
         lines.append(f"{'contestant':<20} {'tokens/s':>12} {'x training':>11}")
         for w, tps in result["loader_tokens_per_s"].items():
@@ -638,6 +643,9 @@ def parser() -> argparse.ArgumentParser:
                         "(keep freed memory rather than page-fault it back every step)")
     p.add_argument("--attention", choices=ATTENTION_KERNELS, default="auto",
                    help="train: our attention kernel (ModelConfig.attention; default auto, as training)")
+    p.add_argument("--peak-flops", type=float, metavar="FLOP/S",
+                   help="train: the peak to compute MFU against (default: the datasheet on GPU, on CPU a "
+                        "matmul measured once per CPU, threads and dtype and cached; env UNIMODAL_PEAK_FLOPS)")
     p.add_argument("--causal", action="store_true",
                    help="train: one sample per row (plain causal) instead of packed block-causal rows")
     p.add_argument("--shards", default="data/demo", help="data: shard folder (default data/demo)")
@@ -654,6 +662,9 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, flag) < 1:
             print(f"error: --{flag} must be at least 1", file=sys.stderr)
             return 2
+    if args.peak_flops is not None and not args.peak_flops > 0:
+        print("error: --peak-flops must be a positive number of FLOP/s, e.g. 4.2e11", file=sys.stderr)
+        return 2
     if args.warmup < 0:
         print("error: --warmup must be at least 0", file=sys.stderr)
         return 2

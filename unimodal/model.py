@@ -395,16 +395,38 @@ class Decoder(nn.Module):
             n -= sum(t.weight.numel() for t in tables)
         return n
 
-    def flops_per_token(self, seq_len: int | None = None) -> int:
-        """Training FLOPs per token (forward + backward), the PaLM / nanoGPT estimate.
+    def flops_per_step(self, positions: int, targets: int, seq_len: int,
+                       inputs: dict[str, int] | None = None) -> int:
+        """Training FLOPs (forward + backward) of one step, counted as the kernels compute them.
 
-        6 N (N non-embedding parameters: 2 FLOPs per multiply-add forward, 4 backward) plus
-        12 n_layer d_model seq_len for the attention scores and the weighted sum of values.
-        It counts full causal attention over ``seq_len`` (default max_seq_len); block-causal
-        packing does less, and the input projections only run on continuous positions.
+        ``positions`` tokens go through the blocks, in rows of ``seq_len``; the head runs at
+        ``targets`` of them only (``module.target_loss``); ``inputs`` (modality -> N_m) are
+        the continuous inputs through their projections. Training (``ThroughputCallback``)
+        and ``unimodal bench`` both count with this. The terms:
+
+        - 6 x the other non-embedding parameters (the blocks) x positions: 2 FLOPs per
+          multiply-add forward, 4 backward (the gradients of input and weight), the PaLM /
+          nanoGPT estimate
+        - 6 x head parameters x targets
+        - 4 x input-projection parameters x N_m (no gradient flows into the data)
+        - 12 n_layer d_model seq_len x positions: q k^T and the weighted sum of values, each
+          2 seq_len hs FLOPs per position and head forward and twice that backward, over the
+          full seq_len x seq_len square of each row. That is what the math kernel and SDPA
+          with an explicit mask (packed rows, except under flex) compute: the products a
+          mask removes are computed, then discarded. FlexAttention skips the blocks two
+          samples never share and SDPA's flash kernel with ``is_causal`` (one sample per row)
+          skips the upper triangle, so there this term is more than is computed; torch's
+          FlopCounterMode counts SDPA the same way.
+
+        Lookups, elementwise work (norms, rotary, softmax), the loss and the optimiser are left
+        out: they do no matrix products.
         """
-        seq_len = seq_len or self.cfg.max_seq_len
-        return 6 * self.num_params(non_embedding=True) + 12 * self.cfg.n_layer * self.cfg.d_model * seq_len
+        cfg = self.cfg
+        head = self.head.weight.numel()
+        proj = {m: lin.weight.numel() for m, lin in self.inputs.items()}
+        body = self.num_params(non_embedding=True) - head - sum(proj.values())
+        return (6 * body * positions + 6 * head * targets + 12 * cfg.n_layer * cfg.d_model * seq_len * positions
+                + sum(4 * proj[m] * n for m, n in (inputs or {}).items()))
 
     def new_cache(self, batch_size: int, max_len: int | None = None, device=None, dtype=None) -> KVCache:
         """An empty KVCache for ``batch_size`` rows and ``max_len`` tokens (default max_seq_len),

@@ -17,9 +17,12 @@
 """
 from __future__ import annotations
 
+import json
 import math
+import os
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import lightning as L
 import torch
@@ -27,6 +30,7 @@ from lightning.fabric.utilities.throughput import Throughput
 
 from unimodal.data_pipelines.packing import Batch
 from unimodal.model import Decoder, ModelConfig, decay_names, param_groups, token_loss
+from unimodal.tokenizers.files import atomic_write_text
 
 
 @dataclass
@@ -130,7 +134,7 @@ class UnimodalModule(L.LightningModule):
         self.tok_state = tokenizers
         self.model: Decoder | None = None
         self.loss_fn = token_loss
-        self.flops_per_token = 0
+        self.flops_per_step = None  # Decoder.flops_per_step of a meta-device copy, set with the model
         self.compile_check = None  # set by compile_check.CompileCheck when training starts
         self.nonfinite_steps = 0  # optimiser steps skipped for a non-finite loss or gradient
         self.nonfinite_in_a_row = 0
@@ -147,7 +151,8 @@ class UnimodalModule(L.LightningModule):
         self.model = Decoder(self.model_cfg)
         # before anything wraps it: FSDP's parameters are 1-D shards, which no shape test can sort
         self.decay = decay_names(self.model)
-        self.flops_per_token = self.model.flops_per_token(self.model_cfg.max_seq_len)
+        with torch.device("meta"):  # a copy of its own to count on: FSDP shards the model's parameters
+            self.flops_per_step = Decoder(self.model_cfg).flops_per_step
         if self.hparams.activation_checkpointing and not self._fsdp():
             from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
             for i, block in enumerate(self.model.blocks):
@@ -381,28 +386,33 @@ class UnimodalModule(L.LightningModule):
 class ThroughputCallback(L.Callback):
     """tokens/s (non-padding tokens) and MFU, from Lightning's Throughput meter.
 
-    FLOPs per step = ``flops_per_token`` (6N + attention) x every position of the step,
-    padding included (it costs compute). The peak is the device's datasheet figure on CUDA
-    (Lightning's table) and, on CPU, a large matrix product in the training precision
-    measured at the start. Time spent validating is left out.
+    FLOPs per step are ``Decoder.flops_per_step`` of each batch's own counts: its
+    non-padding positions through the blocks, its target positions through the head (the
+    only ones ``target_loss`` computes logits at) and its continuous inputs. The peak is
+    ``device_peak_flops`` (datasheet on CUDA, a measurement cached per CPU on CPU), printed
+    with its source when training starts. Time spent validating is left out.
     """
 
     def __init__(self, window: int = 10):
         self.window = window
         self.peak: float | None = None
+        self.peak_source: str | None = None
         self.tokens_per_s: float | None = None
         self.mfu: float | None = None
 
     def on_fit_start(self, trainer, pl_module) -> None:
         # before the DataLoader workers start: they would share the cores with the measurement
         dtype = torch.bfloat16 if "bf16" in str(trainer.precision) else torch.float32
-        self.peak = device_peak_flops(pl_module.device, dtype)
+        self.peak, self.peak_source = device_peak_flops(pl_module.device, dtype)
+        if trainer.is_global_zero:
+            peak = "unknown" if self.peak is None else f"{self.peak / 1e12:.3g} TFLOP/s"
+            print(f"MFU against a peak of {peak}: {self.peak_source}", flush=True)
 
     def on_train_start(self, trainer, pl_module) -> None:
         self.meter = Throughput(available_flops=self.peak, world_size=trainer.world_size,
                                 window_size=self.window)
         self.t0, self.paused = time.perf_counter(), 0.0
-        self.tokens = self.samples = self.step_positions = self.steps = 0
+        self.tokens = self.samples = self.step_flops = self.steps = 0
 
     def on_validation_start(self, trainer, pl_module) -> None:
         self._val_t = time.perf_counter()
@@ -412,16 +422,19 @@ class ThroughputCallback(L.Callback):
             self.paused += time.perf_counter() - self._val_t
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self.tokens += batch.num_tokens
+        tokens, targets = torch.stack([(batch.sample_ids >= 0).sum(),  # one sync for both
+                                       ((batch.targets != -100) & (batch.weights != 0)).sum()]).tolist()
+        self.tokens += tokens
         self.samples += batch.num_samples
-        self.step_positions += batch.ids.numel()
+        self.step_flops += pl_module.flops_per_step(tokens, targets, batch.ids.shape[1],
+                                                    {m: len(f) for m, f in batch.features.items()})
         if (batch_idx + 1) % trainer.accumulate_grad_batches:
             return
         t = time.perf_counter() - self.t0 - self.paused
         self.steps += 1  # since this process started (a resumed run starts at a later global step)
-        self.meter.update(time=t, batches=self.steps, samples=self.samples,
-                          lengths=self.tokens, flops=pl_module.flops_per_token * self.step_positions)
-        self.step_positions = 0
+        self.meter.update(time=t, batches=self.steps, samples=self.samples, lengths=self.tokens,
+                          flops=self.step_flops)
+        self.step_flops = 0
         metrics = self.meter.compute()
         if "device/items_per_sec" in metrics:
             self.tokens_per_s = metrics["device/items_per_sec"]
@@ -431,32 +444,90 @@ class ThroughputCallback(L.Callback):
                 pl_module.log("perf/mfu", self.mfu, batch_size=1)
 
 
-_PEAK_CACHE: dict = {}
+PEAK_FLOPS_ENV = "UNIMODAL_PEAK_FLOPS"  # FLOP/s taken as the peak, over the datasheet or a measurement
+PEAK_CACHE_ENV = "UNIMODAL_PEAK_CACHE"  # the measured peaks' JSON file, instead of peak_cache_path()'s default
+_PEAK_CACHE: dict = {}  # this process's answers
 
 
-def device_peak_flops(device: torch.device, dtype: torch.dtype) -> float | None:
-    """Peak FLOP/s: Lightning's datasheet table on CUDA, a measured matmul on CPU."""
-    key = (str(device), dtype)
-    if key in _PEAK_CACHE:
-        return _PEAK_CACHE[key]
+def peak_cache_path() -> Path:
+    """Where measured CPU peaks are kept: $UNIMODAL_PEAK_CACHE, else
+    ``$XDG_CACHE_HOME/unimodal/peak_flops.json`` (``~/.cache`` when XDG_CACHE_HOME is unset)."""
+    if os.environ.get(PEAK_CACHE_ENV):
+        return Path(os.environ[PEAK_CACHE_ENV])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "unimodal" / "peak_flops.json"
+
+
+def device_peak_flops(device: torch.device, dtype: torch.dtype) -> tuple[float | None, str]:
+    """Peak FLOP/s to compute MFU against, and where it came from (a phrase for the logs).
+
+    $UNIMODAL_PEAK_FLOPS when set; on CUDA, Lightning's datasheet table; on CPU, a matmul
+    measured once per (CPU model, threads, dtype) and kept in ``peak_cache_path()``, so that
+    later runs divide by the same figure instead of one measured again under whatever load
+    the machine has then. A measurement while other processes kept the cores busy is used
+    for this run only, not cached. Delete the file (or its entry) to measure again.
+    """
+    if override := os.environ.get(PEAK_FLOPS_ENV):
+        try:
+            return float(override), f"override (${PEAK_FLOPS_ENV})"
+        except ValueError:
+            raise ValueError(f"{PEAK_FLOPS_ENV} must be FLOP/s as a number, e.g. 4.2e11, not {override!r}") from None
     if device.type == "cuda":
         from lightning.fabric.utilities.throughput import get_available_flops
         peak = get_available_flops(device, dtype)
+        return peak, ("datasheet (Lightning's table)" if peak
+                      else f"unknown: not in Lightning's table, set {PEAK_FLOPS_ENV}")
+    from unimodal.compile_check import cpu_model
+
+    path = peak_cache_path()
+    key = f"{cpu_model()}, {torch.get_num_threads()} threads, {str(dtype).removeprefix('torch.')}"
+    if (key, path) in _PEAK_CACHE:
+        return _PEAK_CACHE[key, path]
+    entries = _read_peaks(path)
+    if key in entries:
+        hit = entries[key]
+        result = hit["flops"], f"cached measurement of {hit['date']} ({path})"
     else:
-        peak = measure_matmul_flops(dtype)
-    _PEAK_CACHE[key] = peak
-    return peak
+        from unimodal.bench import OtherLoad
+        others = OtherLoad()
+        flops = measure_matmul_flops(dtype)
+        busy = others()
+        entries[key] = dict(flops=flops, date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                            torch=torch.__version__)
+        try:
+            if busy is not None and busy > 0.1 * torch.get_num_threads():  # a peak that would stick too low
+                raise OSError(f"other processes kept {busy:.1f} cores busy meanwhile")
+            atomic_write_text(path, json.dumps(entries, indent=1, sort_keys=True) + "\n")
+            result = flops, f"measured now, cached in {path}"
+        except OSError as e:
+            result = flops, f"measured now, not cached: {e}"
+    _PEAK_CACHE[key, path] = result
+    return result
 
 
-def measure_matmul_flops(dtype: torch.dtype = torch.bfloat16, n: int = 2048, repeats: int = 7) -> float:
-    """Peak FLOP/s of an n x n matrix product on this CPU: the best of ``repeats`` (a peak is
-    what the machine can do; the median would fold in whatever else was running)."""
+def _read_peaks(path: Path) -> dict:
+    """The cached peaks (key -> {"flops", "date", "torch"}); entries not of that form, or a
+    file that is missing or not JSON, are left out (and then measured again)."""
+    try:
+        entries = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return {k: e for k, e in entries.items() if isinstance(e, dict) and isinstance(e.get("flops"), (int, float))
+            and e["flops"] > 0 and "date" in e} if isinstance(entries, dict) else {}
+
+
+def measure_matmul_flops(dtype: torch.dtype = torch.bfloat16, n: int = 2048, seconds: float = 3.0,
+                         min_repeats: int = 10) -> float:
+    """Peak FLOP/s of an n x n matrix product on this CPU: the best of as many products as
+    fit in ``seconds`` (at least ``min_repeats``), after a warm-up. The best, since a peak is
+    what the machine can do (the median folds in whatever else ran); many, since a short
+    burst moved by half between runs on one machine (benchmarks/RESULTS.md)."""
     a = torch.randn(n, n, dtype=dtype)
     b = torch.randn(n, n, dtype=dtype)
-    a @ b  # warm-up
-    best = float("inf")
-    for _ in range(repeats):
+    for _ in range(3):
+        a @ b  # warm-up
+    best, start, k = float("inf"), time.perf_counter(), 0
+    while k < min_repeats or time.perf_counter() - start < seconds:
         t = time.perf_counter()
         a @ b
-        best = min(best, time.perf_counter() - t)
+        best, k = min(best, time.perf_counter() - t), k + 1
     return 2 * n**3 / best
