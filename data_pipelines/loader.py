@@ -70,8 +70,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from unimodal.tokenizers.vocab import Tokenizers
 
-from .packing import Batch, Packer
-from .tasks import BadSample, get_task
+from .packing import Batch, Packer, sample_length
+from .tasks import BadSample, Control, get_task, with_demos
 
 RAW_MEMBERS = ("png", "jpg", "jpeg", "flac", "wav", "ogg")
 
@@ -121,8 +121,20 @@ class DataConfig:
     """Skip a shard for the rest of the run when more than this share of its samples read (at least 20) fail to decode."""
     demo_recipe: str = "demo"
     """Recipe `python train.py` builds into `shards` when that folder is missing."""
+    shot_share: float = 0.2
+    """Share of (non-control) samples trained with 1..max_shots demonstrations of the same task
+    before them in one context (Gato's prompt conditioning), so that `--shots` helps at
+    prompting time; 0: every sample alone."""
+    max_shots: int = 3
+    """Most demonstrations before one sample."""
     tokenizer_settings: dict | None = None
     """Settings of the image/audio/value/action tokenizers over the manifest's, key by key, e.g. {"audio": {"max_seconds": 10}}."""
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.shot_share <= 1.0:
+            raise ValueError(f"data.shot_share must be within 0..1, got {self.shot_share}")
+        if self.max_shots < 1:
+            raise ValueError(f"data.max_shots must be >= 1, got {self.max_shots}")
 
 
 def resolve_shards(path: str, split: str) -> tuple[list[str], dict | None]:
@@ -239,6 +251,10 @@ class StreamDataset(IterableDataset):
         self.split = split or cfg.split
         self.urls, manifest = resolve_shards(cfg.shards, self.split)
         self.weights = mixture_weights(cfg.weights, self.tasks)
+        # demonstrations in training rows only (validation scores samples alone), never for
+        # control (an episode window already fills a row)
+        training = self.split == cfg.split
+        self.shots_ok = [training and not isinstance(get_task(t), Control) for t in self.tasks]
         if rank is None:
             dist = torch.distributed.is_available() and torch.distributed.is_initialized()
             rank = torch.distributed.get_rank() if dist else int(os.environ.get("RANK", 0))
@@ -454,6 +470,8 @@ class StreamDataset(IterableDataset):
                 self._bad(stats, raw["__per_shard__"], e.reason, raw)
                 reservoirs[i].remove(raw)  # never draw a bad sample twice
                 continue
+            if self.cfg.shot_share > 0 and self.shots_ok[i] and rng.random() < self.cfg.shot_share:
+                spans = self._with_shots(spans, i, reservoirs[i], rng, stats)
             stats["used"] += 1
             for batch in packer.add(spans, i):
                 batch.stats = dict(stats, packing_efficiency=packer.efficiency, worker=worker)
@@ -462,6 +480,28 @@ class StreamDataset(IterableDataset):
                 emitted += 1
                 if emitted >= n_batches:
                     return
+
+    def _with_shots(self, spans: list, i: int, reservoir: list[dict], rng: np.random.Generator,
+                    stats: Counter) -> list:
+        """``spans`` behind 1..max_shots demonstrations drawn from the task's reservoir, as
+        many as fit in a row (``with_demos``, the form `--shots` prompts with)."""
+        task = get_task(self.tasks[i])
+        budget = self.cfg.seq_len - sample_length(spans)
+        demos = []
+        for _ in range(int(rng.integers(1, self.cfg.max_shots + 1))):
+            raw = reservoir[int(rng.integers(len(reservoir)))]
+            try:
+                demo = task.to_spans(decode_sample(raw), self.toks, rng)[1:]
+            except BadSample:
+                continue  # counted when drawn as a sample of its own
+            if sample_length(demo) > budget:
+                break
+            demos.append(demo)
+            budget -= sample_length(demo)
+        if not demos:
+            return spans
+        stats["with_shots"] += 1
+        return with_demos(spans, demos)
 
     def _bad(self, stats: Counter, per_shard: Counter, reason: str, raw: dict) -> None:
         stats[f"skipped_{reason}"] += 1

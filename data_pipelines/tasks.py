@@ -91,6 +91,14 @@ class Task:
         return spans
 
 
+def with_demos(query: list[Span], demos: list[list[Span]]) -> list[Span]:
+    """Gato's prompt conditioning: one ``<bos>``, each demonstration in its full training
+    form less its ``<bos>`` (so ending in ``<eos>``), then the query less its ``<bos>``; one
+    sample, so the query attends to the demonstrations. Training (``--data.shot_share``) and
+    few-shot prompting (``--shots``) both build their contexts with this."""
+    return [query[0]] + [s for d in demos for s in d] + query[1:]
+
+
 class _MediaTask(Task):
     """A task whose input is one image or audio member, read by that modality's tokenizer."""
 

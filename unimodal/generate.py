@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from unimodal.data_pipelines.packing import flatten, pack_rows, sample_length
-from unimodal.data_pipelines.tasks import BadSample, Control, Task, get_task
+from unimodal.data_pipelines.tasks import BadSample, Control, Task, get_task, with_demos
 from unimodal.model import WRAPPER_SEGMENTS, Decoder, ModelConfig
 from unimodal.tokenizers.action import ActionSpace
 from unimodal.tokenizers.base import MODALITY_ID, Span
@@ -577,8 +577,7 @@ class Unimodal:
         qlen = sample_length(query)
         while demos and qlen + sum(sample_length(d) for d in demos) > budget:
             demos.pop(0)
-        spans = [query[0]] + [s for d in demos for s in d] + query[1:]
-        return spans, task.output
+        return with_demos(query, demos), task.output
 
     def _free_prompt(self, sample: dict) -> list[Span]:
         """``<bos> instruction [<img> ..] [<audio> ..] [<code> ..] <sep>``."""
