@@ -11,14 +11,16 @@ import warnings
 USAGE = """usage: unimodal <command> [options]
 
 commands:
-  data build|list   write webdataset shards from a recipe (unimodal data build --recipe demo --out data/demo)
+  data build|list|check  write webdataset shards from a recipe (unimodal data build --recipe demo
+                    --out data/demo); check a shard folder for train/test leaks
   train             train a model (same as python train.py; --help lists every option)
   tasks             list the registered tasks and their instructions
   tokenizer train   train a sentencepiece model for text or code
   prompt            ask a checkpoint to do a task on your inputs
   eval              evaluate a checkpoint on a split
   bench             measure speed against a peer and the machine
-  experiment        one-vs-many: specialists per task against one generalist
+  experiment        one-vs-many: one generalist against specialists per task, over seeds and sizes;
+                    report DIR assembles the report from an experiment folder
 
 `unimodal <command> --help` for the options of each.
 """
@@ -242,7 +244,8 @@ def cmd_eval(argv: list[str]) -> int:
     p.add_argument("--seed", type=int, default=10_000, help="first environment seed (data seeds are < 10,000)")
     p.add_argument("--max-samples", type=int, default=None, help="cap on samples per task")
     p.add_argument("--batch-size", type=int, default=32, help="prompts decoded together")
-    p.add_argument("--out", help="write the results as JSON here ({'tasks': {name: {metric: value}}})")
+    p.add_argument("--out", help="write the results as JSON here ({'tasks': {name: {metric: value, "
+                   "'n': .., 'ci95': .., 'breakdown': ..}}, 'summary': ..})")
     p.add_argument("--progress", action="store_true", help="progress bars on stderr")
     args = p.parse_args(argv)
 

@@ -58,9 +58,16 @@ class TrainerConfig:
     compile_check: bool = True
     """With compile on a CPU: check one compiled step against the eager one when training
     starts and fall back (math -> sdpa kernel -> eager blocks) if it is broken on this CPU."""
+    monitor: str | None = None
+    """A validation metric to keep the best checkpoint of, checkpoints/best.ckpt: val/loss or
+    val/<loss|token_accuracy|exact_match>/<task> (a loss is best lowest, the others highest);
+    judged every val_every_n_steps. None: no best checkpoint."""
+    patience: int = 0
+    """With monitor: stop the run when it has not improved for this many validations in a
+    row (early stopping); 0 never stops early."""
 
     def __post_init__(self) -> None:
-        for name in ("max_steps", "nonfinite_stop", "log_every_n_steps", "val_every_n_steps"):
+        for name in ("max_steps", "nonfinite_stop", "log_every_n_steps", "val_every_n_steps", "patience"):
             if getattr(self, name) < 0:
                 raise ValueError(f"trainer.{name} must be >= 0, got {getattr(self, name)}")
 
@@ -89,6 +96,11 @@ class TrainConfig:
     """Save a checkpoint every this many steps (and at the end)."""
     ckpt_path: str | None = None
     """Resume from 'last' (this run's last.ckpt, or runs/latest's) or a checkpoint file."""
+    init_from: str | None = None
+    """Start from the weights of this checkpoint, or of a run folder's checkpoints/last.ckpt
+    (fine-tuning): its model settings, weights and tokenizers, with a fresh optimiser and
+    schedule at step 0. The shards' tokenizers must have the checkpoint's spec hash. Ignored
+    when the run resumes (--ckpt_path), whose checkpoint holds the weights."""
     logger: bool = True
     """Log to Weights & Biases (offline without an API key; WANDB_MODE is honoured)."""
     wandb_project: str = "unimodal"

@@ -160,6 +160,44 @@ def resolve_ckpt(cfg: TrainConfig, run_dir: Path) -> str | None:
     return cfg.ckpt_path
 
 
+def load_init(init_from: str, toks: Tokenizers) -> tuple[Path, dict, dict, Tokenizers]:
+    """``--init_from``: (checkpoint path, its model settings, the Decoder's state dict, its
+    tokenizers). A run folder means its checkpoints/last.ckpt. ConfigError (one sentence) for
+    a missing or unreadable checkpoint, or tokenizers whose spec hash is not ``toks``'s (the
+    shards'): the ids would mean other things to the weights."""
+    from unimodal.generate import CheckpointError, clean_state_dict, load_checkpoint
+
+    path = Path(init_from)
+    if path.is_dir():
+        path = path / "checkpoints" / "last.ckpt"
+    try:
+        ckpt = load_checkpoint(path)
+    except CheckpointError as e:
+        raise ConfigError(f"--init_from: {e}") from None
+    theirs = (ckpt["tokenizers"] or {}).get("hash")
+    if theirs != toks.hash:
+        raise ConfigError(f"--init_from {path}: its tokenizers have spec hash {theirs}, the shards' have "
+                          f"{toks.hash}; fine-tune on shards built with the checkpoint's tokenizers "
+                          f"(and the same --data.tokenizer_settings)")
+    try:
+        ckpt_toks = Tokenizers.from_state(ckpt["tokenizers"])
+    except Exception as e:  # a bad sentencepiece proto, a missing key
+        raise ConfigError(f"--init_from {path}: its tokenizers cannot be rebuilt ({e})") from None
+    return path, dict(ckpt["hyper_parameters"]["model"]), clean_state_dict(ckpt["state_dict"]), ckpt_toks
+
+
+def monitor_mode(monitor: str, tasks: list[str]) -> str:
+    """'min' or 'max' for ``--trainer.monitor`` (val/loss, val/<metric>/<task>); ConfigError
+    for a metric validation does not log, before any training."""
+    parts = monitor.split("/", 2)
+    known = ("loss", "token_accuracy", "exact_match")
+    if not (monitor == "val/loss" or (len(parts) == 3 and parts[0] == "val" and parts[1] in known
+                                      and parts[2] in tasks)):
+        raise ConfigError(f"--trainer.monitor {monitor!r} is not a validation metric of this run; use val/loss "
+                          f"or val/<{'|'.join(known)}>/<task> with a task of {', '.join(tasks)}")
+    return "min" if parts[1] == "loss" else "max"
+
+
 def make_logger(cfg: TrainConfig, run_dir: Path, resolved: dict):
     if not cfg.logger:
         return False
@@ -328,6 +366,20 @@ def _run(cfg: TrainConfig) -> dict:
     toks = load_tokenizers(cfg.data.shards, manifest, cfg.data.tokenizer_settings)
     tasks = choose_tasks(cfg, manifest)
     mcfg = model_config(cfg, toks)
+    init_state = None
+    if cfg.init_from and ckpt:
+        if is_rank_zero():
+            print(f"--init_from {cfg.init_from} is ignored: the run resumes from {ckpt}, which holds the weights",
+                  flush=True)
+    elif cfg.init_from:
+        init_path, arch, init_state, toks = load_init(cfg.init_from, toks)
+        # the checkpoint's architecture; what the data fixes (vocabulary, dims, row length) and
+        # the attention kernel stay this run's
+        fixed = ("vocab_size", "continuous", "max_seq_len", "value_ids", "attention")
+        mcfg = dataclasses.replace(mcfg, **{k: v for k, v in arch.items()
+                                            if k in ModelConfig.__dataclass_fields__ and k not in fixed})
+    if cfg.trainer.monitor:
+        mode = monitor_mode(cfg.trainer.monitor, tasks)
     if cfg.data.seed is None:  # --seed sets the data order too
         cfg.data = dataclasses.replace(cfg.data, seed=cfg.seed)
     resolved = to_dict(cfg)
@@ -344,6 +396,12 @@ def _run(cfg: TrainConfig) -> dict:
                             compile=cfg.trainer.compile,
                             activation_checkpointing=cfg.trainer.activation_checkpointing,
                             config=resolved, nonfinite_stop=cfg.trainer.nonfinite_stop)
+    if init_state is not None:  # built now (configure_model is idempotent) to take the weights
+        module.configure_model()
+        module.model.load_state_dict(init_state, strict=True)
+        if is_rank_zero():
+            print(f"initialised from {init_path} (weights and tokenizers; a fresh optimiser and schedule)",
+                  flush=True)
     dm = StreamDataModule(cfg.data, toks, tasks, cfg.trainer.val_batches)
     tc = cfg.trainer
     precision = resolve_precision(tc.precision, tc.accelerator)
@@ -357,6 +415,15 @@ def _run(cfg: TrainConfig) -> dict:
         from unimodal.compile_check import CompileCheck
         # first: the compile it triggers is not counted as training time by the others
         callbacks.insert(0, CompileCheck(cfg.data.batch_size, cfg.data.seq_len))
+    best_cb = stopper = None
+    if tc.monitor:  # checkpoints/best.ckpt at the best validation; early stopping with patience
+        from lightning.pytorch.callbacks import EarlyStopping
+        best_cb = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="best", monitor=tc.monitor, mode=mode,
+                                  save_top_k=1, auto_insert_metric_name=False, enable_version_counter=False)
+        callbacks.append(best_cb)
+        if tc.patience:
+            stopper = EarlyStopping(monitor=tc.monitor, mode=mode, patience=tc.patience, check_on_train_epoch_end=False)
+            callbacks.append(stopper)
     if tc.max_minutes:  # per launch: a resumed run gets the whole budget again
         callbacks.append(LaunchTimer(duration=dt.timedelta(minutes=tc.max_minutes), interval="step", verbose=False))
     trainer = L.Trainer(
@@ -388,11 +455,22 @@ def _run(cfg: TrainConfig) -> dict:
         print(f"rank {trainer.global_rank}/{trainer.world_size}: parameter checksum {checksum:.10e} "
               f"at step {trainer.global_step}", flush=True)
     result = {"run_dir": str(run_dir), "ckpt": str(last), "eval": None, "failed": None, "stopped": None}
+    if best_cb is not None and best_cb.best_model_path:
+        best = Path(best_cb.best_model_path)
+        result["best"] = {"ckpt": str(best), "step": _saved_step(best), "monitor": tc.monitor,
+                          "value": float(best_cb.best_model_score)}
     if preemption.stopped:  # checkpointed at the signal's step: no evaluation, the job is going
         result["stopped"] = {"reason": f"signal {preemption.stopped['signal']}", **preemption.stopped}
         result["exit_code"] = 0 if preemption.stopped["requeued"] else 128 + int(getattr(signal, preemption.stopped["signal"]))
         return result
-    if (trainer.global_step < tc.max_steps and module.stopped_nonfinite is None
+    if stopper is not None and stopper.wait_count >= stopper.patience and trainer.global_step < tc.max_steps:
+        result["stopped"] = {"reason": "early stopping", "monitor": tc.monitor, "patience": tc.patience,
+                             "step": trainer.global_step, "max_steps": tc.max_steps}
+        if trainer.is_global_zero:
+            print(f"stopped early at step {trainer.global_step} of {tc.max_steps}: {tc.monitor} has not improved "
+                  f"for {tc.patience} validations (best {result.get('best', {}).get('value', float('nan')):.4f} "
+                  f"at step {result.get('best', {}).get('step')})", flush=True)
+    elif (trainer.global_step < tc.max_steps and module.stopped_nonfinite is None
             and not trainer.interrupted and tc.max_minutes):
         result["stopped"] = {"reason": "time limit", "max_minutes": tc.max_minutes,
                              "step": trainer.global_step, "max_steps": tc.max_steps}
