@@ -428,3 +428,39 @@ def test_evaluate_known_metrics_with_a_uniform_model(toks, shards):
     baseline = -sum(np.log2(p[x]).sum() for x in ids) / n_bytes
     assert code["baseline_bits_per_byte"] == pytest.approx(baseline, rel=1e-9)
 
+
+
+def test_few_shot_rows_use_nested_train_demonstrations(um, tmp_path, monkeypatch):
+    """--shots 0 1 3: the first items of a task scored behind k demonstrations drawn from the
+    train split, the 1-shot one being the 3-shot ones' first; 0 shots equals the plain score."""
+    pairs = [("one", "un"), ("two", "deux"), ("three", "trois"), ("four", "quatre"), ("five", "cinq"),
+             ("six", "six")]
+    splits = {}
+    for split, items in (("train", pairs[:5]), ("test", pairs[3:])):
+        (tmp_path / split).mkdir()
+        with wds.TarWriter(str(tmp_path / split / f"{split}-000000.tar")) as w:
+            for i, (s, t) in enumerate(items):
+                w.write(encode_sample({"__key__": f"{split}{i}", "json": {
+                    "task": "text.translate.en-fr", "src": s, "tgt": t, "domain": "numbers"}}))
+        splits[split] = {"shards": [f"{split}/{split}-000000.tar"],
+                         "samples": {"text.translate.en-fr": len(items)}, "total": len(items)}
+    (tmp_path / "manifest.json").write_text(json.dumps({"splits": splits}))
+    seen = []
+    real = um.prompt
+    monkeypatch.setattr(um, "prompt", lambda task, sample, shots=(), **kw: (
+        seen.append((sample["json"]["src"], [d["json"]["src"] for d in shots])), real(task, sample, shots, **kw))[1])
+    res = evaluate(um, str(tmp_path), tasks=["text.translate.en-fr"], shots=(0, 1, 3), shot_samples=2)
+    m = res["tasks"]["text.translate.en-fr"]
+    assert set(m["shots"]) == {"0", "1", "3"}
+    assert all(cell["n"]["exact_match"] == 2 for cell in m["shots"].values())
+    by_query: dict = {}
+    for query, demos in seen:
+        by_query.setdefault(query, []).append(demos)
+    assert set(by_query) == {"four", "five"}  # the first 2 test items
+    for query, calls in by_query.items():
+        one, three = sorted(calls, key=len)
+        assert len(one) == 1 and len(three) == 3 and three[0] == one[0]
+        assert set(three) <= {s for s, _ in pairs[:5]}  # demonstrations come from train only
+    full = evaluate(um, str(tmp_path), tasks=["text.translate.en-fr"], max_samples_per_task=2)
+    assert m["shots"]["0"]["exact_match"] == full["tasks"]["text.translate.en-fr"]["exact_match"]
+    assert "| text.translate.en-fr | 3 shots | 2 |" in markdown_table(res)

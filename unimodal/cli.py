@@ -244,6 +244,10 @@ def cmd_eval(argv: list[str]) -> int:
     p.add_argument("--seed", type=int, default=10_000, help="first environment seed (data seeds are < 10,000)")
     p.add_argument("--max-samples", type=int, default=None, help="cap on samples per task")
     p.add_argument("--batch-size", type=int, default=32, help="prompts decoded together")
+    p.add_argument("--shots", type=int, nargs="+", default=[0],
+                   help="also score the first --shot-samples items of each image, audio and text task "
+                        "behind this many demonstrations from the train split (e.g. --shots 0 1 3)")
+    p.add_argument("--shot-samples", type=int, default=100, help="items per task scored with demonstrations")
     p.add_argument("--out", help="write the results as JSON here ({'tasks': {name: {metric: value, "
                    "'n': .., 'ci95': .., 'breakdown': ..}}, 'summary': ..})")
     p.add_argument("--progress", action="store_true", help="progress bars on stderr")
@@ -261,7 +265,7 @@ def cmd_eval(argv: list[str]) -> int:
         raise InputError("--shards is needed: the checkpoint does not say where its data is")
     results = evaluate(um, shards, split=args.split, tasks=args.tasks, episodes=args.episodes,
                        seed=args.seed, max_samples_per_task=args.max_samples, progress=args.progress,
-                       batch_size=args.batch_size)
+                       batch_size=args.batch_size, shots=args.shots, shot_samples=args.shot_samples)
     print(markdown_table(results))
     if args.out:
         write_json(results, args.out)

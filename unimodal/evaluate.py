@@ -328,11 +328,13 @@ def evaluate_control(um: Unimodal, task_name: str, manifest: dict | None = None,
 # --------------------------------------------------------------------------------------
 def generate_answers(um: Unimodal, task_name: str, samples: Sequence[dict], batch_size: int = 32,
                      skipped: Counter | None = None, line_only: bool = False,
-                     bar=None) -> tuple[list[str], list[str], list[dict]]:
+                     bar=None, demos: Callable[[int], list[dict]] | None = None
+                     ) -> tuple[list[str], list[str], list[dict]]:
     """Greedy answers of ``um`` to ``samples`` of one task, decoded several at a time.
 
     Prompts are sorted by length so a batch pads little. Samples the task cannot read, or
-    whose prompt is longer than the model's max_seq_len, are counted in ``skipped``.
+    whose prompt is longer than the model's max_seq_len, are counted in ``skipped``. With
+    ``demos``, sample j is prompted behind the demonstrations ``demos(j)`` (``Unimodal.prompt``).
 
     Returns:
         (predictions, references, the samples answered), in the same order.
@@ -342,9 +344,13 @@ def generate_answers(um: Unimodal, task_name: str, samples: Sequence[dict], batc
     skipped = skipped if skipped is not None else Counter()
     out_tok = toks.code if task.output == "code" else toks.text
     items = []
-    for s in samples:
+    for j, s in enumerate(samples):
         try:
-            spans, ref = task.prompt_spans(s, toks), task.answer(s)
+            spans = um.prompt(task_name, s, shots=demos(j))[0] if demos else task.prompt_spans(s, toks)
+            ref = task.answer(s)
+        except InputError:
+            skipped["bad_shot"] += 1
+            continue
         except BadSample as e:
             skipped[e.reason] += 1
             continue
@@ -437,7 +443,8 @@ def _default_tasks(um: Unimodal, present: Sequence[str], manifest: dict | None =
 def evaluate(model: Unimodal, shards: str, split: str = "test", tasks: Sequence[str] | None = None,
              episodes: int = 20, seed: int = ctl.EVAL_SEED_START,
              max_samples_per_task: int | None = None, progress: bool = False,
-             batch_size: int = 32, examples: dict | None = None) -> dict:
+             batch_size: int = 32, examples: dict | None = None, shots: Sequence[int] = (0,),
+             shot_samples: int = 100) -> dict:
     """Every task's metrics of ``model`` on a shard split, plus control roll-outs.
 
     Args:
@@ -453,6 +460,10 @@ def evaluate(model: Unimodal, shards: str, split: str = "test", tasks: Sequence[
         batch_size: prompts decoded together.
         examples: if given, filled with ``{task: [(sample, prediction, reference), ...]}``
             (the first few of each task, inputs included) for logging.
+        shots: numbers of demonstrations to also score the first ``shot_samples`` items of
+            each trained sample task with (e.g. (0, 1, 3)); the demonstrations are drawn
+            from the train split, the same first ones for every k, and land in
+            ``tasks[name]["shots"][str(k)]`` with n and intervals. Code and control have none.
 
     Returns:
         ``{"tasks": {name: {metric: value, "n": {metric: n}, "ci95": {metric: [lo, hi]},
@@ -517,12 +528,19 @@ def evaluate(model: Unimodal, shards: str, split: str = "test", tasks: Sequence[
                                              examples)
             meta_tasks[name] = {"seconds": round(time.perf_counter() - t0, 2),
                                 **({"skipped": dict(skipped)} if skipped else {})}
+        few = [t for t in results if _shot_task(t, model)] if any(k > 0 for k in shots) else []
+        pools = _shot_pools(shards, few)
+        for name in few:
+            if pools.get(name):
+                results[name]["shots"] = _few_shot(model, name, by_task[name][:shot_samples], pools[name],
+                                                   sorted(set(shots)), batch_size, seed)
     finally:
         bar.close()
 
     meta = {
         "checkpoint": model.path, "shards": str(shards), "split": split, "seed": seed,
         "episodes": episodes, "max_samples_per_task": max_samples_per_task,
+        "shots": list(shots), "shot_samples": shot_samples, "shot_pool": SHOT_POOL,
         "device": str(model.device), "params": model.model.num_params(),
         "tokenizers_hash": model.toks.hash, "trained_tasks": model.tasks,
         "tasks": meta_tasks, "control_baselines": baselines,
@@ -534,6 +552,46 @@ def evaluate(model: Unimodal, shards: str, split: str = "test", tasks: Sequence[
         "seconds": round(time.perf_counter() - t_start, 2),
     }
     return {"tasks": results, "summary": summary(results), "meta": meta}
+
+
+SHOT_POOL = 200  # train samples per task the demonstrations are drawn from
+
+
+def _shot_task(name: str, um: Unimodal) -> bool:
+    family = name.split(".")[0]
+    return family in ("image", "audio", "text") and name in (um.tasks or ()) and not _held_out(name)
+
+
+def _shot_pools(shards: str, tasks: Sequence[str]) -> dict[str, list[dict]]:
+    """The first SHOT_POOL train samples of each task (read until all are full)."""
+    pools: dict[str, list[dict]] = {t: [] for t in tasks}
+    if not tasks:
+        return pools
+    for s in iter_split(shards, "train", list(tasks)):
+        pool = pools.get((s.get("json") or {}).get("task"))
+        if pool is not None and len(pool) < SHOT_POOL:
+            pool.append(s)
+            if all(len(p) >= SHOT_POOL for p in pools.values()):
+                break
+    return pools
+
+
+def _few_shot(um: Unimodal, name: str, samples: list[dict], pool: list[dict], ks: Sequence[int],
+              batch_size: int, seed: int) -> dict[str, dict]:
+    """The task's headline metric on ``samples`` with k = each of ``ks`` demonstrations: item
+    j's demonstrations are the first k of one fixed draw from ``pool`` (so 1 shot's is 3 shots'
+    first), with n and intervals."""
+    draws = [np.random.default_rng([seed, j]).choice(len(pool), size=min(max(ks), len(pool)), replace=False)
+             for j in range(len(samples))]
+    out = {}
+    for k in ks:
+        demos = (lambda j, k=k: [pool[i] for i in draws[j][:k]]) if k else None
+        preds, refs, _ = generate_answers(um, name, samples, batch_size, Counter(), demos=demos)
+        hits = [int(normalize(p) == normalize(r)) for p, r in zip(preds, refs)]
+        metrics = translation_metrics(preds, refs, bleu=False) if name.startswith("text.") \
+            else {"accuracy": rate(hits)}
+        out[str(k)] = scored(metrics)
+    return out
 
 
 # the family means of ``summary``: metrics that are a mean over per_item values
@@ -709,6 +767,10 @@ def markdown_table(results: dict) -> str:
              for name, m in tasks.items() for label, cell in (m.get("breakdown") or {}).items()]
     if parts:
         lines += ["", *_table(("task", "group", "n", "metrics: value [95% CI]"), parts)]
+    shot_rows = [[name, f"{k} shot{'s' if k != '1' else ''}", _n(cell, next(iter(cell.get("n") or {}), "")),
+                  _pairs(cell)] for name, m in tasks.items() for k, cell in (m.get("shots") or {}).items()]
+    if shot_rows:
+        lines += ["", *_table(("task", "demonstrations", "n", "metrics: value [95% CI]"), shot_rows)]
     return "\n".join(lines) + "\n"
 
 

@@ -533,7 +533,8 @@ def final_evaluation(cfg: TrainConfig, module, toks: Tokenizers, run_dir: Path, 
     model = Unimodal.from_checkpoint(run_dir / "checkpoints" / "last.ckpt", device=module.device)
     examples: dict = {}
     results = evaluate(model, cfg.data.shards, split="test", episodes=cfg.eval_episodes,
-                       max_samples_per_task=cfg.eval_max_samples, examples=examples)
+                       max_samples_per_task=cfg.eval_max_samples, examples=examples,
+                       shots=cfg.eval_shots)
     results.setdefault("meta", {})["seconds"] = round(time.perf_counter() - t, 1)
     results["meta"]["trained_steps"] = {"step": trainer.global_step, "max_steps": cfg.trainer.max_steps}
     if stopped:
