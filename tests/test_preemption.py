@@ -85,7 +85,8 @@ def test_a_resumed_run_logs_into_the_same_wandb_run(shard_dir, tmp_path, monkeyp
     assert main([*args, "--trainer.max_steps", "3", "--ckpt_path", "last"]) == 0
     run_id = (tmp_path / "w" / "wandb_id").read_text().strip()
     runs = sorted(p.name for p in tmp_path.rglob("offline-run-*") if p.is_dir())
-    assert len(runs) == 2 and all(r.endswith(f"-{run_id}") for r in runs), runs
+    # offline-run-<start second>-<id>; W&B appends -1 when both launches start in one second
+    assert len(runs) == 2 and all(re.fullmatch(rf"offline-run-\d{{8}}_\d{{6}}-{run_id}(-\d+)?", r) for r in runs), runs
 
 
 def test_an_elastic_restart_resumes_the_run_it_restarts(shard_dir, tmp_path, capsys, monkeypatch):
