@@ -221,24 +221,16 @@ def _tokenizer_specs(settings: dict[str, dict]) -> dict[str, dict]:
 
 
 def _train_tokenizer(lines: list[str], kind: str, vocab: int, path: Path) -> dict:
-    try:
-        text_mod = importlib.import_module("unimodal.tokenizers.text")
-    except ImportError as e:
-        raise DataBuildError(f"cannot train the {kind} tokenizer: unimodal.tokenizers.text "
-                             f"is not importable ({e})") from e
+    from unimodal.tokenizers.text import SentencePieceTokenizer, train_sentencepiece
     lines = [s for s in lines if s and s.strip()]
     if not lines:
         raise DataBuildError(f"the recipe produced no {kind} corpus to train its tokenizer on")
-    proto = text_mod.train_sentencepiece(lines, vocab, kind)
+    proto = train_sentencepiece(lines, vocab, kind)
     path.write_bytes(proto)
     entry = {"path": path.name, "kind": kind, "vocab_size_requested": vocab,
              "sha256": hashlib.sha256(proto).hexdigest(), "corpus_lines": len(lines)}
-    try:
-        tok = text_mod.SentencePieceTokenizer(proto, kind=kind)
-        entry["hash"] = tok.hash
-        entry["size"] = tok.size
-    except Exception:
-        entry["hash"] = entry["sha256"][:16]
+    tok = SentencePieceTokenizer(proto, kind=kind)
+    entry["hash"], entry["size"] = tok.hash, tok.size
     return entry
 
 

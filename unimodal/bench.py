@@ -469,12 +469,9 @@ def _tasks(shards: str, manifest: dict | None, get_task) -> list[str]:
 # ----------------------------------------------------------------------------- generate
 
 def _head_at(model: Decoder):
-    """generate.head_at (logits of the last position only) when it is there."""
-    try:
-        from unimodal.generate import head_at
-        return head_at(model)
-    except ImportError:
-        return contextlib.nullcontext()
+    """generate.head_at: logits of the last position only, as the engine decodes."""
+    from unimodal.generate import head_at
+    return head_at(model)
 
 
 @torch.inference_mode()

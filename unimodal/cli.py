@@ -27,18 +27,11 @@ commands:
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-    errors: list[type[BaseException]] = []
     from unimodal.data_pipelines.loader import DataError
+    from unimodal.data_pipelines.shards import DataBuildError
+    from unimodal.generate import UnimodalError
     from unimodal.training import ConfigError
-    errors += [DataError, ConfigError]
-    for mod, names in (("unimodal.data_pipelines.shards", ("DataBuildError",)),
-                       ("unimodal.generate", ("UnimodalError",))):
-        try:
-            m = __import__(mod, fromlist=list(names))
-            errors += [getattr(m, n) for n in names if hasattr(m, n)]
-        except ImportError:
-            pass
-    return tuple(errors)
+    return (DataError, ConfigError, DataBuildError, UnimodalError)
 
 
 def user_message(e: BaseException) -> str:
@@ -273,13 +266,14 @@ def cmd_eval(argv: list[str]) -> int:
     return 0
 
 
-def _optional(module: str, func: str, argv: list[str]) -> int:
-    try:
-        m = __import__(module, fromlist=[func])
-    except ImportError as e:
-        print(f"error: this command is not available in this build ({e})", file=sys.stderr)
-        return 2
-    return getattr(m, func)(argv)
+def cmd_bench(argv: list[str]) -> int:
+    from unimodal.bench import main as bench_main
+    return bench_main(argv)
+
+
+def cmd_experiment(argv: list[str]) -> int:
+    from unimodal.experiment import main as experiment_main
+    return experiment_main(argv)
 
 
 COMMANDS = {
@@ -289,8 +283,8 @@ COMMANDS = {
     "tokenizer": cmd_tokenizer,
     "prompt": cmd_prompt,
     "eval": cmd_eval,
-    "bench": lambda a: _optional("unimodal.bench", "main", a),
-    "experiment": lambda a: _optional("unimodal.experiment", "main", a),
+    "bench": cmd_bench,
+    "experiment": cmd_experiment,
 }
 
 
