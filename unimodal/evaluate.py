@@ -55,7 +55,7 @@ from unimodal.data_pipelines.loader import iter_split, resolve_shards
 from unimodal.data_pipelines.packing import sample_length
 from unimodal.data_pipelines.tasks import BadSample, Control, get_task
 from unimodal.generate import ControlRunner, InputError, Unimodal, resolve_task
-from unimodal.stats import N_BOOT, bootstrap, wilson
+from unimodal.stats import N_BOOT, bootstrap, stratified_mean, wilson
 from unimodal.tokenizers.action import ActionSpace
 
 
@@ -119,6 +119,14 @@ def translation_metrics(hyps: Sequence[str], refs: Sequence[str], bleu: bool = T
         out[name] = corpus_score(metric, np.asarray(metric._extract_corpus_statistics(hyps, [refs]), np.float64))
     out["exact_match"] = rate([normalize(h) == normalize(r) for h, r in zip(hyps, refs)])
     return out
+
+
+def answer_scores(family: str, preds: Sequence[str], refs: Sequence[str], bleu: bool = True) -> dict[str, Scored]:
+    """The scores of a task family's generated answers: translation metrics for text,
+    accuracy (exact match after ``normalize``) otherwise."""
+    if family == "text":
+        return translation_metrics(preds, refs, bleu=bleu)
+    return {"accuracy": rate([normalize(p) == normalize(r) for p, r in zip(preds, refs)])}
 
 
 def translation_scores(hyps: Sequence[str], refs: Sequence[str]) -> dict[str, float]:
@@ -587,25 +595,12 @@ def _few_shot(um: Unimodal, name: str, samples: list[dict], pool: list[dict], ks
     for k in ks:
         demos = (lambda j, k=k: [pool[i] for i in draws[j][:k]]) if k else None
         preds, refs, _ = generate_answers(um, name, samples, batch_size, Counter(), demos=demos)
-        hits = [int(normalize(p) == normalize(r)) for p, r in zip(preds, refs)]
-        metrics = translation_metrics(preds, refs, bleu=False) if name.startswith("text.") \
-            else {"accuracy": rate(hits)}
-        out[str(k)] = scored(metrics)
+        out[str(k)] = scored(answer_scores(name.split(".")[0], preds, refs, bleu=False))
     return out
 
 
 # the family means of ``summary``: metrics that are a mean over per_item values
 FAMILY_MEAN = {"image": "accuracy", "audio": "accuracy", "text": "exact_match", "control": "normalized_return"}
-
-
-def stratified_mean(parts: Sequence[Sequence[float]], n_boot: int = N_BOOT, seed: int = 0) -> Scored:
-    """The mean of the parts' means, with a percentile bootstrap interval that resamples the
-    items within each part (the tasks stay fixed, their episodes or samples vary)."""
-    rng = np.random.default_rng(seed)
-    arrs = [np.asarray(g, np.float64) for g in parts]
-    means = [a[rng.integers(0, len(a), size=(n_boot, len(a)))].mean(axis=1) for a in arrs]  # each (n_boot,)
-    lo, hi = np.quantile(np.mean(means, axis=0), [0.025, 0.975])
-    return float(np.mean([a.mean() for a in arrs])), sum(map(len, arrs)), (float(lo), float(hi))
 
 
 def _held_out(name: str) -> bool:
@@ -694,12 +689,9 @@ def _sample_task(um: Unimodal, name: str, samples: list[dict], shards: str, batc
     if examples is not None:
         examples[name] = [(s, p, r) for s, p, r in zip(kept[:4], preds[:4], refs[:4])]
     hits = [int(normalize(p) == normalize(r)) for p, r in zip(preds, refs)]
-    if family == "text":  # groups without BLEU: its 4-grams say little of one number's words
-        whole, key = translation_metrics(preds, refs), "exact_match"
-        metrics_of = lambda idx: translation_metrics(_pick(preds, idx), _pick(refs, idx), bleu=False)  # noqa: E731
-    else:
-        metrics_of = lambda idx: {"accuracy": rate(_pick(hits, idx))}  # noqa: E731
-        whole, key = metrics_of(range(len(hits))), "accuracy"
+    whole, key = answer_scores(family, preds, refs), "exact_match" if family == "text" else "accuracy"
+    # groups without BLEU: its 4-grams say little of one number's words
+    metrics_of = lambda idx: answer_scores(family, _pick(preds, idx), _pick(refs, idx), bleu=False)  # noqa: E731
     return {**scored(whole), "samples": len(refs), **_breakdown([_meta(s) for s in kept], family, metrics_of),
             "per_item": {key: hits}}
 
@@ -787,11 +779,11 @@ def flat_metrics(results: dict, prefix: str = "eval") -> dict[str, float]:
     return out
 
 
-def _json_safe(x):
+def json_safe(x):
     if isinstance(x, dict):
-        return {str(k): _json_safe(v) for k, v in x.items()}
+        return {str(k): json_safe(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
-        return [_json_safe(v) for v in x]
+        return [json_safe(v) for v in x]
     if isinstance(x, np.bool_):
         return bool(x)
     if isinstance(x, np.integer):
@@ -810,5 +802,5 @@ def write_json(results: dict, path: str | os.PathLike) -> None:
     file is strict JSON that any reader parses and every metric is a number or null.
     """
     with atomic_write(path) as f:
-        json.dump(_json_safe(results), f, indent=1, ensure_ascii=False)
+        json.dump(json_safe(results), f, indent=1, ensure_ascii=False)
         f.write("\n")

@@ -671,19 +671,9 @@ def plot_curves(out: Path, report: dict, path: Path) -> None:
     _save(fig, path)
 
 
-def _finite(x):
-    """NaN and inf (an interval a bootstrap could not form) as None: report.json is strict JSON."""
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    if isinstance(x, dict):
-        return {k: _finite(v) for k, v in x.items()}
-    if isinstance(x, list):
-        return [_finite(v) for v in x]
-    return x
-
-
 def write_report(out: Path, logger: bool = False, project: str = "unimodal") -> dict:
-    report = _finite(build_report(out))
+    from unimodal.evaluate import json_safe
+    report = json_safe(build_report(out))  # NaN (an interval no bootstrap formed) as null: strict JSON
     atomic_write_text(out / "report.json", json.dumps(report, indent=2))
     md = render_markdown(report)
     atomic_write_text(out / "report.md", md)
@@ -695,13 +685,11 @@ def write_report(out: Path, logger: bool = False, project: str = "unimodal") -> 
     print(f"wrote {', '.join(str(out / n) for n in ('report.md', 'report.json', 'ratio.png', 'scaling.png', 'transfer.png', 'curves.png'))}")
     if logger:
         import wandb
-        netrc = Path.home() / ".netrc"
-        login = os.environ.get("WANDB_API_KEY") or (netrc.exists() and "api.wandb.ai" in netrc.read_text(errors="ignore"))
-        mode = os.environ.get("WANDB_MODE") or ("online" if login else "offline")  # as training.make_logger
+        from unimodal.training import wandb_mode
         rows = [[s["size"], r["task"], r["metric"], r["G"]["mean"], r["best"], r["ratio"],
                  *(r["ci95"] or [None, None]), r["verdict"]] for s in report["sizes"] for r in s["tasks"]]
         with wandb.init(project=project, group=f"one-vs-many-{report['config_hash']}", name="report",
-                        job_type="report", dir=str(out), mode=mode) as wb:
+                        job_type="report", dir=str(out), mode=wandb_mode()) as wb:
             wb.log({"one_vs_many/table": wandb.Table(
                         columns=["size", "task", "metric", "G", "best S", "ratio", "lo", "hi", "verdict"], data=rows),
                     **{f"one_vs_many/{n}": wandb.Image(str(out / f"{n}.png"))

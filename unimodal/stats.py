@@ -7,6 +7,8 @@
   seeded, so the same inputs always give the same interval.
 - ``bootstrap_ratio(a, b)``: the interval of mean(a) / mean(b) resampling both independently
   (e.g. generalist over specialist across seeds).
+- ``stratified_mean(parts)``: the mean of several groups' means (a family's tasks), resampling
+  within each group.
 """
 from __future__ import annotations
 
@@ -75,3 +77,13 @@ def bootstrap_ratio(a: Sequence[float], b: Sequence[float], n_boot: int = N_BOOT
     r = ma[ok] / mb[ok]
     lo, hi = np.quantile(r, [(1 - level) / 2, (1 + level) / 2])
     return (float(lo), float(hi))
+
+
+def stratified_mean(parts: Sequence[Sequence[float]], n_boot: int = N_BOOT, seed: int = 0) -> tuple[float, int, tuple[float, float]]:
+    """The mean of the parts' means, with a percentile bootstrap interval that resamples the
+    items within each part (the tasks stay fixed, their episodes or samples vary)."""
+    rng = np.random.default_rng(seed)
+    arrs = [np.asarray(g, np.float64) for g in parts]
+    means = [a[rng.integers(0, len(a), size=(n_boot, len(a)))].mean(axis=1) for a in arrs]  # each (n_boot,)
+    lo, hi = np.quantile(np.mean(means, axis=0), [0.025, 0.975])
+    return float(np.mean([a.mean() for a in arrs])), sum(map(len, arrs)), (float(lo), float(hi))

@@ -198,16 +198,23 @@ def monitor_mode(monitor: str, tasks: list[str]) -> str:
     return "min" if parts[1] == "loss" else "max"
 
 
+def wandb_mode() -> str:
+    """W&B's mode: $WANDB_MODE when set, else online with an API key or a netrc login, else
+    offline (runs land in wandb/ for `wandb sync`)."""
+    if os.environ.get("WANDB_MODE"):
+        return os.environ["WANDB_MODE"]
+    netrc = Path.home() / ".netrc"
+    login = os.environ.get("WANDB_API_KEY") or (netrc.exists() and "api.wandb.ai" in netrc.read_text(errors="ignore"))
+    return "online" if login else "offline"
+
+
 def make_logger(cfg: TrainConfig, run_dir: Path, resolved: dict):
     if not cfg.logger:
         return False
     from lightning.pytorch.loggers import WandbLogger
 
-    if "WANDB_MODE" not in os.environ and not os.environ.get("WANDB_API_KEY"):
-        netrc = Path.home() / ".netrc"
-        has_login = netrc.exists() and "api.wandb.ai" in netrc.read_text(errors="ignore")
-        if not has_login:
-            os.environ["WANDB_MODE"] = "offline"
+    if wandb_mode() == "offline":
+        os.environ.setdefault("WANDB_MODE", "offline")
     os.environ.setdefault("WANDB_SILENT", "true")
     # one W&B run per training: the id is kept in the run folder, and a resumed, requeued or
     # restarted launch logs into the same run
