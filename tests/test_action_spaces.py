@@ -130,7 +130,8 @@ def test_a_manifest_space_is_honoured_for_an_env_gymnasium_does_not_know(toks):
 
 def test_it_trains_rolls_out_and_is_evaluated(built, tmp_path, capsys):
     from unimodal.cli import main
-    from unimodal.generate import ControlRunner, Unimodal
+    from unimodal.generate import Unimodal
+    from unimodal.rollout import ControlRunner
 
     out, _ = built
     argv = ["train", "--data.shards", str(out), "--tasks", f"[{TASK}]", "--out_dir", str(tmp_path),

@@ -18,6 +18,7 @@ EXPECTED = {
     "base.yaml": dict(max_steps=100000, max_minutes=None, precision="auto", strategy="ddp", compile=True, num_nodes=1),
     "1b-fsdp.yaml": dict(max_steps=200000, max_minutes=None, precision="bf16-mixed", strategy="fsdp", compile=False,
                          num_nodes=1),
+    "tiny.yaml": dict(max_steps=20, max_minutes=5, precision="auto", strategy="auto", compile=False, num_nodes=1),
     "multinode.yaml": dict(max_steps=50000, max_minutes=None, precision="auto", strategy="ddp", compile=True, num_nodes=2),
 }
 

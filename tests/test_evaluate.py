@@ -21,7 +21,8 @@ from unimodal.evaluate import (accuracy, code_bits, control_baselines, control_m
                                normalized_return, number_bin, per_episode, rate, ratio_of_sums,
                                run_episodes, stratified_mean, summary, translation_metrics,
                                translation_scores, unigram_bits, unigram_counts, write_json)
-from unimodal.generate import InputError, Unimodal
+from unimodal.errors import InputError
+from unimodal.generate import Unimodal
 from unimodal.model import ModelConfig
 from unimodal.stats import wilson
 from unimodal.tokenizers.text import train_sentencepiece

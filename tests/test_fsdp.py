@@ -28,7 +28,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from unimodal.generate import clean_state_dict
+from unimodal.checkpoint import clean_state_dict
 from unimodal.model import Decoder, ModelConfig, clean_name, decay_names, param_groups
 from unimodal.module import UnimodalModule
 

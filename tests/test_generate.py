@@ -13,8 +13,10 @@ from PIL import Image
 
 from unimodal.data_pipelines.packing import pack_rows, sample_length
 from unimodal.data_pipelines.tasks import get_task
-from unimodal.generate import (CheckpointError, ControlRunner, InputError, Unimodal, load_audio,
-                               load_image, prompt_sample)
+from unimodal.errors import CheckpointError, InputError
+from unimodal.generate import Unimodal
+from unimodal.inputs import load_audio, load_image, prompt_sample
+from unimodal.rollout import ControlRunner
 from unimodal.module import UnimodalModule
 from unimodal.tokenizers.text import train_sentencepiece
 from unimodal.tokenizers.vocab import EOS, Tokenizers

@@ -7,7 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from unimodal.model import PRESETS, Decoder, KVCache, ModelConfig, param_groups, token_loss
+from unimodal.config import model_preset
+from unimodal.model import Decoder, KVCache, ModelConfig, param_groups, token_loss
 
 IMAGE, AUDIO, TEXT, CODE, ACTION = 3, 4, 1, 2, 6  # modality indices, as in tokenizers.base.MODALITIES
 
@@ -350,7 +351,7 @@ def test_tied_embeddings_counted_once():
                                           ("base", 300e6, 420e6), ("1b", 0.9e9, 1.2e9)])
 def test_preset_sizes(name, lo, hi):
     with torch.device("meta"):
-        model = Decoder(ModelConfig(**PRESETS[name]))
+        model = Decoder(ModelConfig(**model_preset(name)))
     n = model.num_params()
     assert lo <= n <= hi, f"{name}: {n / 1e6:.1f}M"
     n_emb = n - model.num_params(non_embedding=True)

@@ -190,7 +190,8 @@ def _tiny_um(toks: Tokenizers, tmp_path, tasks):
 
 def test_evaluation_and_prompts_use_the_checkpoint_settings_and_count_long_clips(built, tmp_path):
     from unimodal.evaluate import evaluate
-    from unimodal.generate import InputError, prompt_sample
+    from unimodal.errors import InputError
+    from unimodal.inputs import prompt_sample
     from unimodal.training import load_tokenizers
 
     out, m = built

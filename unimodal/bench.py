@@ -35,13 +35,11 @@ from typing import Callable
 
 import torch
 
-from unimodal.model import ATTENTION_KERNELS, PRESETS, Decoder, ModelConfig, param_groups, picks_math, token_loss
+from unimodal.config import MODEL_PRESETS, model_preset
+from unimodal.model import ATTENTION_KERNELS, Decoder, ModelConfig, param_groups, picks_math, token_loss
 
-# a ~0.2M-parameter model for tests and smoke runs
-BENCH_PRESETS: dict[str, dict] = {
-    "tiny": dict(vocab_size=512, n_layer=2, n_head=4, d_model=64, max_seq_len=64),
-    **PRESETS,
-}
+# model sizes: configs/ (tiny, default, small, base, 1b)
+BENCH_PRESETS: dict[str, dict] = {name: model_preset(name) for name in MODEL_PRESETS}
 # (batch, seq_len) a step is timed on when --batch-size / --seq-len are not given; the
 # default preset's is the demo training run's (DataConfig: 16 x 256)
 SHAPES: dict[str, tuple[int, int]] = {"tiny": (2, 64), "default": (16, 256), "small": (1, 256),
@@ -469,8 +467,8 @@ def _tasks(shards: str, manifest: dict | None, get_task) -> list[str]:
 # ----------------------------------------------------------------------------- generate
 
 def _head_at(model: Decoder):
-    """generate.head_at: logits of the last position only, as the engine decodes."""
-    from unimodal.generate import head_at
+    """decoding.head_at: logits of the last position only, as the engine decodes."""
+    from unimodal.decoding import head_at
     return head_at(model)
 
 

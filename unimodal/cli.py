@@ -29,7 +29,7 @@ commands:
 def _user_errors() -> tuple[type[BaseException], ...]:
     from unimodal.data_pipelines.loader import DataError
     from unimodal.data_pipelines.shards import DataBuildError
-    from unimodal.generate import UnimodalError
+    from unimodal.errors import UnimodalError
     from unimodal.training import ConfigError
     return (DataError, ConfigError, DataBuildError, UnimodalError)
 
@@ -183,7 +183,9 @@ def cmd_prompt(argv: list[str]) -> int:
     p.add_argument("--json", action="store_true", help="print one JSON object; the answer is under 'output'")
     args = p.parse_args(argv)
 
-    from unimodal.generate import InputError, Unimodal, prompt_sample
+    from unimodal.errors import InputError
+    from unimodal.generate import Unimodal
+    from unimodal.inputs import prompt_sample
 
     if args.threads:
         import torch
@@ -247,7 +249,8 @@ def cmd_eval(argv: list[str]) -> int:
     args = p.parse_args(argv)
 
     from unimodal.evaluate import evaluate, markdown_table, write_json
-    from unimodal.generate import InputError, Unimodal
+    from unimodal.errors import InputError
+    from unimodal.generate import Unimodal
 
     if args.threads:
         import torch

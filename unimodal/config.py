@@ -138,3 +138,26 @@ def resolve_precision(precision: str, accelerator: str) -> str:
 
 def to_dict(cfg) -> dict:
     return json.loads(json.dumps(asdict(cfg), default=str))
+
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+# a model size -> the preset that trains it; configs/ is the one place presets live
+MODEL_PRESETS = {"tiny": "tiny.yaml", "default": "default.yaml", "small": "small.yaml",
+                 "base": "base.yaml", "1b": "1b-fsdp.yaml"}
+
+
+def model_preset(name: str) -> dict:
+    """ModelConfig keyword arguments of a model size, read from its file in configs/
+    (``MODEL_PRESETS``): the file's ``model`` section, with ``max_seq_len`` its
+    ``data.seq_len``. ``vocab_size`` is the file's sizing vocabulary (training replaces it
+    with the tokenizers' own). KeyError naming the sizes for an unknown one."""
+    import yaml
+
+    if name not in MODEL_PRESETS:
+        raise KeyError(f"unknown model preset {name!r}; known: {', '.join(MODEL_PRESETS)}")
+    cfg = yaml.safe_load((CONFIGS / MODEL_PRESETS[name]).read_text())
+    out = dict(cfg.get("model") or {})
+    seq_len = (cfg.get("data") or {}).get("seq_len")
+    if seq_len:
+        out["max_seq_len"] = int(seq_len)
+    return out

@@ -31,7 +31,7 @@ timestep to a KV cache. A task's environment and action space are the shard mani
 the manifest too (computed with data_pipelines/control.py if absent).
 
 A broken model (NaN weights) gets its bad scores, never a crash: decoding turns non-finite
-logits into valid ids (``generate.finite_logits``), an episode whose environment returns a
+logits into valid ids (``decoding.finite_logits``), an episode whose environment returns a
 non-finite observation or reward ends there and is counted, and a NaN metric (bits per byte
 of NaN logits) is written to JSON as null.
 """
@@ -54,7 +54,10 @@ from unimodal.tokenizers.files import atomic_write
 from unimodal.data_pipelines.loader import iter_split, resolve_shards
 from unimodal.data_pipelines.packing import sample_length
 from unimodal.data_pipelines.tasks import BadSample, Control, get_task
-from unimodal.generate import ControlRunner, InputError, Unimodal, resolve_task
+from unimodal.errors import InputError
+from unimodal.generate import Unimodal
+from unimodal.inputs import resolve_task
+from unimodal.rollout import ControlRunner
 from unimodal.stats import N_BOOT, bootstrap, stratified_mean, wilson
 from unimodal.tokenizers.action import ActionSpace
 

@@ -140,20 +140,6 @@ class ModelConfig:
         return self.mlp_hidden or 64 * math.ceil(8 * self.d_model / 3 / 64)
 
 
-# ModelConfig kwargs; configs/*.yaml mirror these. The larger presets take a 32k vocabulary
-# (the real one comes from the tokenizers' Vocab and overrides vocab_size at build time).
-PRESETS: dict[str, dict] = {
-    # ~5.4M parameters: the CPU demo
-    "default": dict(vocab_size=4096, n_layer=4, n_head=4, d_model=256, max_seq_len=256),
-    # ~136M, GPT-2 small shape
-    "small": dict(vocab_size=32768, n_layer=12, n_head=12, d_model=768, max_seq_len=1024),
-    # ~371M, GPT-2 medium shape
-    "base": dict(vocab_size=32768, n_layer=24, n_head=16, d_model=1024, max_seq_len=2048),
-    # ~1.02B, head size 128, 4 key/value heads
-    "1b": dict(vocab_size=32768, n_layer=20, n_head=16, n_kv_head=4, d_model=2048, max_seq_len=2048),
-}
-
-
 class RMSNorm(nn.RMSNorm):
     """nn.RMSNorm whose gain is cast to the input's dtype: under bf16 autocast the fused
     kernel runs instead of the slow mixed-dtype fallback."""

@@ -165,7 +165,8 @@ def load_init(init_from: str, toks: Tokenizers) -> tuple[Path, dict, dict, Token
     tokenizers). A run folder means its checkpoints/last.ckpt. ConfigError (one sentence) for
     a missing or unreadable checkpoint, or tokenizers whose spec hash is not ``toks``'s (the
     shards'): the ids would mean other things to the weights."""
-    from unimodal.generate import CheckpointError, clean_state_dict, load_checkpoint
+    from unimodal.checkpoint import clean_state_dict, load_checkpoint
+    from unimodal.errors import CheckpointError
 
     path = Path(init_from)
     if path.is_dir():
