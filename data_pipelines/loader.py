@@ -53,6 +53,7 @@ Design (after open_clip's webdataset pipeline):
 """
 from __future__ import annotations
 
+import dataclasses
 import glob
 import io
 import json
@@ -68,10 +69,11 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from unimodal.tokenizers.audio import spec_augment, speed_perturb
 from unimodal.tokenizers.vocab import Tokenizers
 
 from .packing import Batch, Packer, sample_length
-from .tasks import BadSample, Control, get_task, with_demos
+from .tasks import AudioTranscribe, BadSample, Control, get_task, with_demos
 
 RAW_MEMBERS = ("png", "jpg", "jpeg", "flac", "wav", "ogg")
 
@@ -127,12 +129,21 @@ class DataConfig:
     prompting time; 0: every sample alone."""
     max_shots: int = 3
     """Most demonstrations before one sample."""
+    spec_augment: bool = False
+    """SpecAugment on training clips (two frequency bands of up to 8 mel channels and two
+    time runs of up to 10% of the frames set to the clip's mean); validation never."""
+    speed_perturb: float = 0.0
+    """Training clips play at a speed drawn uniformly from 1 -+ this (Kaldi uses 0.1: speed
+    0.9 / 1.0 / 1.1); 0 turns it off. A clip that would outgrow the audio tokenizer's
+    max_seconds keeps its speed."""
     tokenizer_settings: dict | None = None
     """Settings of the image/audio/value/action tokenizers over the manifest's, key by key, e.g. {"audio": {"max_seconds": 10}}."""
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.shot_share <= 1.0:
             raise ValueError(f"data.shot_share must be within 0..1, got {self.shot_share}")
+        if not 0.0 <= self.speed_perturb < 1.0:
+            raise ValueError(f"data.speed_perturb must be within 0..1, got {self.speed_perturb}")
         if self.max_shots < 1:
             raise ValueError(f"data.max_shots must be >= 1, got {self.max_shots}")
 
@@ -255,6 +266,8 @@ class StreamDataset(IterableDataset):
         # control (an episode window already fills a row)
         training = self.split == cfg.split
         self.shots_ok = [training and not isinstance(get_task(t), Control) for t in self.tasks]
+        self.augment = [training and isinstance(get_task(t), AudioTranscribe)
+                        and (cfg.spec_augment or cfg.speed_perturb > 0) for t in self.tasks]
         if rank is None:
             dist = torch.distributed.is_available() and torch.distributed.is_initialized()
             rank = torch.distributed.get_rank() if dist else int(os.environ.get("RANK", 0))
@@ -465,7 +478,12 @@ class StreamDataset(IterableDataset):
             raw = reservoirs[i][int(rng.integers(len(reservoirs[i])))]
             try:
                 sample = decode_sample(raw)
+                if self.augment[i]:
+                    sample = self._speed(sample, rng)
                 spans = get_task(self.tasks[i]).to_spans(sample, self.toks, rng, max_len=self.cfg.seq_len)
+                if self.augment[i] and self.cfg.spec_augment:
+                    spans = [dataclasses.replace(s, features=spec_augment(s.features, self.toks.audio.n_mels, rng))
+                             if s.modality == "audio" else s for s in spans]
             except BadSample as e:
                 self._bad(stats, raw["__per_shard__"], e.reason, raw)
                 reservoirs[i].remove(raw)  # never draw a bad sample twice
@@ -480,6 +498,23 @@ class StreamDataset(IterableDataset):
                 emitted += 1
                 if emitted >= n_batches:
                     return
+
+    def _speed(self, sample: dict, rng: np.random.Generator) -> dict:
+        """``sample`` with its clip speed-perturbed (``speed_perturb``), or as it is."""
+        if self.cfg.speed_perturb <= 0:
+            return sample
+        factor = 1.0 + float(rng.uniform(-self.cfg.speed_perturb, self.cfg.speed_perturb))
+        member = next((k for k in ("flac", "wav", "ogg") if sample.get(k) is not None), None)
+        if member is None:
+            return sample
+        try:
+            x, rate = speed_perturb(sample[member], factor)
+        except ValueError:  # undecodable: the task says so, with its own reason
+            return sample
+        longest = self.toks.audio.max_seconds
+        if longest is not None and len(x) / rate > longest:
+            return sample
+        return {**sample, member: (x, rate)}
 
     def _with_shots(self, spans: list, i: int, reservoir: list[dict], rng: np.random.Generator,
                     stats: Counter) -> list:

@@ -181,3 +181,29 @@ def test_brace_patterns_and_plain_folders_resolve(shard_dir):
 def test_iter_split_reads_every_sample_once(shard_dir):
     keys = [s["__key__"] for s in iter_split(str(shard_dir), "test")]
     assert len(keys) == len(set(keys)) == 60
+
+
+def _audio_features(batches) -> list[np.ndarray]:
+    return [b.features["audio"].numpy() for b in batches if "audio" in b.features]
+
+
+def test_audio_augmentation_changes_training_clips_only(shard_dir, toks):
+    """SpecAugment and speed perturbation are for training rows: the val stream is the same
+    with them on, the train stream is not (and speed changes the clips' lengths)."""
+    plain = cfg(shard_dir, weights={"audio.transcribe": 1.0})
+    aug = cfg(shard_dir, weights={"audio.transcribe": 1.0}, spec_augment=True, speed_perturb=0.1)
+    tasks = ["audio.transcribe"]
+    a, b = take(StreamDataset(plain, toks, tasks, 0, 1)), take(StreamDataset(aug, toks, tasks, 0, 1))
+    fa, fb = _audio_features(a), _audio_features(b)
+    assert fa and fb
+    assert sum(len(x) for x in fa) != sum(len(x) for x in fb) or any(
+        not np.array_equal(x, y) for x, y in zip(fa, fb))
+    va = take(StreamDataset(plain, toks, tasks, 0, 1, split="val", split_by="samples"))
+    vb = take(StreamDataset(aug, toks, tasks, 0, 1, split="val", split_by="samples"))
+    assert all(np.array_equal(x, y) for x, y in zip(_audio_features(va), _audio_features(vb)))
+    assert len(va) == len(vb)
+
+
+def test_speed_perturb_must_be_below_one(shard_dir):
+    with pytest.raises(ValueError, match="speed_perturb"):
+        cfg(shard_dir, speed_perturb=1.5)

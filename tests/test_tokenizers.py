@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from unimodal.tokenizers.action import DiscreteActionTokenizer, ValueTokenizer
-from unimodal.tokenizers.audio import FLOOR, AudioTokenizer, mel_filterbank
+from unimodal.tokenizers.audio import FLOOR, AudioTokenizer, mel_filterbank, spec_augment, speed_perturb
 from unimodal.tokenizers.base import MODALITY_ID
 from unimodal.tokenizers.image import ImageTokenizer
 from unimodal.tokenizers.text import SentencePieceTokenizer, main, train_sentencepiece
@@ -520,3 +520,43 @@ def test_vocab_layout_with_all_tokenizers(text_tok, code_tok):
     assert toks["action"].decode(mixed) == [7]
     assert np.allclose(toks["value"].decode(mixed), [0.5, -3.0], atol=0.05)
     assert Vocab(toks).hash == vocab.hash
+
+
+def test_speed_perturb_scales_tempo_and_pitch_together():
+    """A 440 Hz tone of 1 s at factor 1.25 comes out of the tokenizer's resampling as a
+    550 Hz tone of 0.8 s: the reference is the frequency and length computed by hand."""
+    rate = 8000
+    t = np.arange(rate) / rate
+    buf = io.BytesIO()
+    sf.write(buf, (0.5 * np.sin(2 * np.pi * 440 * t)).astype(np.float32), rate, format="WAV")
+    tok = AudioTokenizer(max_seconds=None)
+    wave = tok.waveform(speed_perturb(buf.getvalue(), 1.25))
+    assert len(wave) == pytest.approx(0.8 * tok.sample_rate, abs=2)
+    spectrum = np.abs(np.fft.rfft(wave))
+    peak_hz = np.argmax(spectrum) * tok.sample_rate / len(wave)
+    assert peak_hz == pytest.approx(550, abs=2)
+    with pytest.raises(ValueError):
+        speed_perturb(buf.getvalue(), 0)
+
+
+def test_spec_augment_masks_bands_and_runs_with_the_clip_mean():
+    rng = np.random.default_rng(0)
+    n_mels, stack = 10, 4
+    feats = rng.normal(size=(25, n_mels * stack)).astype(np.float32)
+    out = spec_augment(feats, n_mels, np.random.default_rng(1), freq_masks=1, freq_width=3,
+                       time_masks=1, time_share=0.1)
+    assert out.shape == feats.shape and not np.shares_memory(out, feats)
+    frames, orig = out.reshape(-1, n_mels), feats.reshape(-1, n_mels)
+    changed = frames != orig
+    cols = np.flatnonzero(changed.all(axis=0))  # a frequency band is masked in every frame
+    rows = np.flatnonzero(changed.all(axis=1))  # a time run is masked in every channel
+    assert len(cols) <= 3 and len(rows) <= 10
+    # every changed value is the clip's mean, and only the band and the run changed
+    assert np.allclose(frames[changed], orig.mean())
+    expect = np.zeros_like(changed)
+    expect[:, cols] = True
+    expect[rows] = True
+    assert np.array_equal(changed, expect)
+    # with no mask width nothing changes
+    same = spec_augment(feats, n_mels, rng, freq_width=0, time_share=0.0)
+    assert np.array_equal(same, feats)

@@ -220,3 +220,43 @@ class AudioTokenizer(Tokenizer):
         features = mel.reshape(-1, self.feature_dim).astype(np.float32, copy=False)
         coords = np.stack([np.arange(len(features)), np.zeros(len(features), dtype=np.int64)], axis=1)
         return Span("audio", features=features, coords=coords, is_target=is_target, weight=weight)
+
+
+# --------------------------------------------------------------------------------------
+# training-time augmentation (the loader applies it to training rows only)
+# --------------------------------------------------------------------------------------
+def speed_perturb(payload: Any, factor: float) -> tuple[np.ndarray, int]:
+    """Kaldi-style speed perturbation: the clip played ``factor`` times as fast (tempo and
+    pitch together), as ``(float32 [samples, channels], rate)`` for ``AudioTokenizer.encode``.
+
+    The samples are kept and the rate is declared ``factor`` times higher, so the tokenizer's
+    resampling to its own rate does the work: a 1 s clip at factor 1.1 becomes 0.91 s."""
+    if not factor > 0:
+        raise ValueError(f"speed factor must be positive, got {factor}")
+    if isinstance(payload, tuple):
+        x, rate = np.asarray(payload[0]), int(payload[1])
+    else:
+        x, rate = _decode(payload)
+    return x, max(1, round(rate * factor))
+
+
+def spec_augment(features: np.ndarray, n_mels: int, rng: np.random.Generator, freq_masks: int = 2,
+                 freq_width: int = 8, time_masks: int = 2, time_share: float = 0.1) -> np.ndarray:
+    """SpecAugment (Park et al. 2019) without time warping, on stacked log-mel positions.
+
+    ``features`` float32 [n, stack * n_mels] (frame-major, as ``encode`` stacks them) ->
+    a copy with ``freq_masks`` bands of up to ``freq_width`` mel channels and ``time_masks``
+    runs of up to ``time_share`` of the frames set to the clip's mean, so a mask carries no
+    level information of its own."""
+    frames = features.reshape(-1, n_mels).copy()  # (n * stack, n_mels)
+    fill = float(frames.mean())
+    for _ in range(freq_masks):
+        w = int(rng.integers(0, freq_width + 1))
+        f0 = int(rng.integers(0, n_mels - w + 1))
+        frames[:, f0:f0 + w] = fill
+    longest = int(time_share * len(frames))
+    for _ in range(time_masks):
+        w = int(rng.integers(0, longest + 1))
+        t0 = int(rng.integers(0, len(frames) - w + 1))
+        frames[t0:t0 + w] = fill
+    return frames.reshape(features.shape)
