@@ -57,8 +57,10 @@ import dataclasses
 import glob
 import io
 import json
+import math
 import os
 import sys
+import tarfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -73,9 +75,9 @@ from unimodal.tokenizers.audio import spec_augment, speed_perturb
 from unimodal.tokenizers.vocab import Tokenizers
 
 from .packing import Batch, Packer, sample_length
-from .tasks import AudioTranscribe, BadSample, Control, get_task, with_demos
+from .tasks import MEDIA_MEMBERS, BadSample, Control, get_task, with_demos
 
-RAW_MEMBERS = ("png", "jpg", "jpeg", "flac", "wav", "ogg")
+RAW_MEMBERS = MEDIA_MEMBERS["image"] + MEDIA_MEMBERS["audio"]
 
 
 class DataError(RuntimeError):
@@ -124,9 +126,10 @@ class DataConfig:
     demo_recipe: str = "demo"
     """Recipe `python train.py` builds into `shards` when that folder is missing."""
     shot_share: float = 0.2
-    """Share of (non-control) samples trained with 1..max_shots demonstrations of the same task
-    before them in one context (Gato's prompt conditioning), so that `--shots` helps at
-    prompting time; 0: every sample alone."""
+    """Share of samples trained with 1..max_shots demonstrations of the same task before them
+    in one context (Gato's prompt conditioning), so that `--shots` helps at prompting time;
+    for control the last timesteps of other expert episodes, in at most half the row
+    (docs/data-format.md, control); 0: every sample alone."""
     max_shots: int = 3
     """Most demonstrations before one sample."""
     spec_augment: bool = False
@@ -138,6 +141,9 @@ class DataConfig:
     max_seconds keeps its speed."""
     tokenizer_settings: dict | None = None
     """Settings of the image/audio/value/action tokenizers over the manifest's, key by key, e.g. {"audio": {"max_seconds": 10}}."""
+    tokenizers_from: str | None = None
+    """Take the tokenizers from this checkpoint, run folder or shard folder with text.model/code.model
+    (None: the shards' own, else --init_from's, else trained on the train split into the run folder)."""
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.shot_share <= 1.0:
@@ -169,6 +175,93 @@ def resolve_shards(path: str, split: str) -> tuple[list[str], dict | None]:
     if not files or missing:
         raise DataError(f"no shards found at {path!r}" + (f" (missing: {missing[0]})" if missing else ""))
     return files, None
+
+
+# the json string fields the registered tasks read: answers and inputs of text, and of code
+TEXT_FIELDS = ("src", "tgt", "label", "transcript", "caption")
+CODE_FIELDS = ("prompt", "completion")
+
+
+@dataclass
+class SplitScan:
+    """What ``scan_split`` read: the task of every sample, and their text and code fields."""
+
+    tasks: Counter = field(default_factory=Counter)
+    """Samples per ``json.task``."""
+    samples: int = 0
+    """Samples read (those with a readable json member)."""
+    shards: int = 0
+    """Shards opened."""
+    unreadable: int = 0
+    """json members that are not a JSON object with a "task" string, and shards that cannot be read."""
+    text: list[str] = field(default_factory=list)
+    """The text fields (TEXT_FIELDS) of the samples of non-code tasks, when asked for."""
+    code: list[str] = field(default_factory=list)
+    """The code fields (CODE_FIELDS) of the samples of code.* tasks, when asked for."""
+
+
+def _json_members(url: str) -> Iterator[bytes]:
+    """The bytes of every ``<key>.json`` member of one tar, in order; other members are
+    skipped unread (seeked over in a local file), never decoded."""
+    if "://" in url or url.startswith("pipe:"):
+        stream = wds.gopen(url)
+        tar = tarfile.open(fileobj=stream, mode="r|*")
+    else:
+        stream, tar = None, tarfile.open(url, mode="r:*")
+    try:
+        for member in tar:
+            # webdataset's key ends at the first dot of the file name: "a.json", not "a.b.json"
+            if member.isfile() and os.path.basename(member.name).partition(".")[2] == "json":
+                f = tar.extractfile(member)
+                if f is not None:
+                    yield f.read()
+    finally:
+        tar.close()
+        if stream is not None:
+            stream.close()
+
+
+def scan_split(urls: list[str], max_samples: int, corpus: bool = False) -> SplitScan:
+    """The tasks (and with ``corpus`` the text and code fields) of a split's samples, read
+    from their json members only.
+
+    Reads the first shard in full (up to the budget), then the first samples of every other
+    shard, at least one each, the rest of the ``max_samples`` budget spread evenly over them
+    (what a short shard leaves goes to the next): a task that only later shards hold is
+    found, and the cost stays bounded however many samples a shard holds. A shard that
+    cannot be read is counted in ``unreadable`` (the loader judges it when training reads it)."""
+    scan = SplitScan()
+
+    def read(url: str, quota: int) -> None:
+        scan.shards += 1
+        try:
+            for n, raw in enumerate(_json_members(url)):
+                if n >= quota:
+                    break
+                try:
+                    meta = json.loads(raw)
+                except (ValueError, UnicodeDecodeError):
+                    meta = None
+                if not isinstance(meta, dict) or not isinstance(meta.get("task"), str):
+                    scan.unreadable += 1
+                    continue
+                task = meta["task"]
+                scan.tasks[task] += 1
+                scan.samples += 1
+                if corpus:
+                    code = task.startswith("code.")
+                    (scan.code if code else scan.text).extend(
+                        meta[f] for f in (CODE_FIELDS if code else TEXT_FIELDS)
+                        if isinstance(meta.get(f), str) and meta[f].strip())
+        except (tarfile.TarError, OSError, EOFError):
+            scan.unreadable += 1
+
+    if urls:
+        read(urls[0], max(1, max_samples - (len(urls) - 1)))  # one sample kept for every other shard
+    rest = urls[1:]
+    for i, url in enumerate(rest):
+        read(url, max(1, math.ceil((max_samples - scan.samples) / (len(rest) - i))))
+    return scan
 
 
 def tar_looks_complete(path: str) -> bool:
@@ -262,11 +355,11 @@ class StreamDataset(IterableDataset):
         self.split = split or cfg.split
         self.urls, manifest = resolve_shards(cfg.shards, self.split)
         self.weights = mixture_weights(cfg.weights, self.tasks)
-        # demonstrations in training rows only (validation scores samples alone), never for
-        # control (an episode window already fills a row)
+        # demonstrations in training rows only (validation scores samples alone); a control
+        # sample's take at most Control.DEMO_SHARE of the row, its own window the rest
         training = self.split == cfg.split
-        self.shots_ok = [training and not isinstance(get_task(t), Control) for t in self.tasks]
-        self.augment = [training and isinstance(get_task(t), AudioTranscribe)
+        self.shots_ok = [training for _ in self.tasks]
+        self.augment = [training and "audio" in get_task(t).modalities
                         and (cfg.spec_augment or cfg.speed_perturb > 0) for t in self.tasks]
         if rank is None:
             dist = torch.distributed.is_available() and torch.distributed.is_initialized()
@@ -480,7 +573,12 @@ class StreamDataset(IterableDataset):
                 sample = decode_sample(raw)
                 if self.augment[i]:
                     sample = self._speed(sample, rng)
-                spans = get_task(self.tasks[i]).to_spans(sample, self.toks, rng, max_len=self.cfg.seq_len)
+                task = get_task(self.tasks[i])
+                control = isinstance(task, Control)
+                if control and self._draw_shots(i, rng):  # drawn first: the window makes room for them
+                    spans = self._control_with_shots(sample, raw, i, reservoirs[i], rng, stats)
+                else:
+                    spans = task.to_spans(sample, self.toks, rng, max_len=self.cfg.seq_len)
                 if self.augment[i] and self.cfg.spec_augment:
                     spans = [dataclasses.replace(s, features=spec_augment(s.features, self.toks.audio.n_mels, rng))
                              if s.modality == "audio" else s for s in spans]
@@ -488,7 +586,7 @@ class StreamDataset(IterableDataset):
                 self._bad(stats, raw["__per_shard__"], e.reason, raw)
                 reservoirs[i].remove(raw)  # never draw a bad sample twice
                 continue
-            if self.cfg.shot_share > 0 and self.shots_ok[i] and rng.random() < self.cfg.shot_share:
+            if not control and self._draw_shots(i, rng):
                 spans = self._with_shots(spans, i, reservoirs[i], rng, stats)
             stats["used"] += 1
             for batch in packer.add(spans, i):
@@ -504,7 +602,7 @@ class StreamDataset(IterableDataset):
         if self.cfg.speed_perturb <= 0:
             return sample
         factor = 1.0 + float(rng.uniform(-self.cfg.speed_perturb, self.cfg.speed_perturb))
-        member = next((k for k in ("flac", "wav", "ogg") if sample.get(k) is not None), None)
+        member = next((k for k in MEDIA_MEMBERS["audio"] if sample.get(k) is not None), None)
         if member is None:
             return sample
         try:
@@ -515,6 +613,54 @@ class StreamDataset(IterableDataset):
         if longest is not None and len(x) / rate > longest:
             return sample
         return {**sample, member: (x, rate)}
+
+    def _draw_shots(self, i: int, rng: np.random.Generator) -> bool:
+        """Whether this sample of task ``i`` gets demonstrations (a ``shot_share`` draw)."""
+        return self.cfg.shot_share > 0 and self.shots_ok[i] and rng.random() < self.cfg.shot_share
+
+    def _control_with_shots(self, sample: dict, raw: dict, i: int, reservoir: list[dict],
+                            rng: np.random.Generator, stats: Counter) -> list:
+        """A window of control episode ``sample`` behind 1..max_shots demonstrations: the
+        last timesteps of other expert episodes of the task's reservoir (``Control.demo_spans``,
+        the form `unimodal eval --shots` rolls out with), together within
+        ``Control.DEMO_SHARE`` of the row (fewer when that many do not fit); the window takes
+        what they leave. Alone (the full row) when the reservoir holds no other expert
+        episode or not even one fits."""
+        task = get_task(self.tasks[i])
+        pool = [r for r in reservoir if r is not raw and self._expert(r)]
+        demos = []
+        for _ in range(int(rng.integers(1, self.cfg.max_shots + 1)) if pool else 0):
+            try:
+                d = decode_sample(pool[int(rng.integers(len(pool)))])
+                task.check_actions(task.episode(d)[1], task.action_space(self.toks, d))
+            except BadSample:
+                continue  # counted when drawn as a sample of its own
+            demos.append(d)
+        while demos:  # as many of them as fit, each in its even share of the demonstrations' part
+            try:
+                budget = task.demo_budget(self.cfg.seq_len, len(demos))
+                spans = [task.demo_spans(d, self.toks, budget) for d in demos]
+                query = task.to_spans(sample, self.toks, rng,
+                                      max_len=self.cfg.seq_len - sum(map(sample_length, spans)))
+                stats["with_shots"] += 1
+                return with_demos(query, spans)
+            except BadSample as e:
+                if e.reason != "too_long":
+                    raise  # the live episode's own fault: skipped and counted as any bad sample
+                demos.pop()
+        # no other expert episode, or a row too short for demonstrations: the window alone
+        return task.to_spans(sample, self.toks, rng, max_len=self.cfg.seq_len)
+
+    @staticmethod
+    def _expert(raw: dict) -> bool:
+        """``Control.is_demo`` of a raw (undecoded) sample, remembered on it."""
+        if "__demo__" not in raw:
+            try:
+                meta = json.loads(raw["json"])
+            except (KeyError, TypeError, ValueError):
+                meta = None
+            raw["__demo__"] = isinstance(meta, dict) and Control.is_demo({"json": meta})
+        return raw["__demo__"]
 
     def _with_shots(self, spans: list, i: int, reservoir: list[dict], rng: np.random.Generator,
                     stats: Counter) -> list:

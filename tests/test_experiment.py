@@ -13,7 +13,7 @@ import torch
 import yaml
 
 from unimodal.cli import main
-from unimodal.experiment import Protocol, compare, plan, score, verdict
+from unimodal.experiment import Protocol, compare, plan, score, shot_gain, shot_verdict, verdict
 
 TASKS = ["image.classify", "text.translate.en-fr"]
 HELD_OUT = "text.translate.fr-en"
@@ -194,6 +194,81 @@ def test_the_report_has_every_output_and_is_rebuilt_from_the_folders(done):
     assert main(["experiment", "report", str(out)]) == 0
     assert (out / "report.json").read_text() == before
     assert (out / "ratio.png").exists()
+
+
+def test_the_report_has_the_generalists_few_shot_table(done):
+    """G per task at 0, 1 and 3 shots, and the paired gain of 3 over 0, the same numbers
+    eval.json's few-shot cells give (one seed: the gain of the whole items' scores)."""
+    out, _ = done
+    report = json.loads((out / "report.json").read_text())
+    table = report["sizes"][0]["shots"]
+    assert table["ks"] == [0, 1, 3] and table["compared"] == [0, 3]
+    ev = json.loads((out / "runs" / "base_G_s0" / "eval.json").read_text())["tasks"]
+    for row in table["tasks"]:
+        cells = ev[row["task"]]["shots"]
+        key = "chrf" if row["task"].startswith("text.") else "accuracy"
+        for k in ("0", "1", "3"):
+            assert row["k"][k]["mean"] == pytest.approx(cells[k][key]) and row["k"][k]["over"] == "items"
+            assert row["k"][k]["ci95"] == pytest.approx(cells[k]["ci95"][key])
+        g = row["gain"]
+        assert g["paired"] == "items" and g["items"] == 4 and g["seeds"] == 1
+        assert g["gain"] == pytest.approx(cells["3"][key] - cells["0"][key])
+        lo, hi = g["ci95"]
+        assert lo <= g["gain"] <= hi and row["verdict"] == shot_verdict(lo, hi)
+    md = (out / "report.md").read_text()
+    assert "### Few-shot prompting (G)" in md and "| 3 - 0 [95%] | 3 shots >= 0 shots |" in md
+    assert "| image.classify | accuracy |" in md.split("### Few-shot prompting (G)")[1]
+
+
+def test_the_few_shot_gain_is_paired_over_items_and_its_verdict():
+    """40 items, 4 of the 20 wrong ones right with 3 shots: +0.1, an interval above 0 only
+    because the items are paired (unpaired, 0.5 against 0.6 of 40 each straddles 0)."""
+    from unimodal.stats import bootstrap
+    base = [0, 1] * 20
+    better = list(base)
+    for i in (0, 2, 4, 6):
+        better[i] = 1
+    cell = lambda v: {"score": float(np.mean(v)), "items": list(range(len(v))), "per_item": v}  # noqa: E731
+    g = shot_gain("image.classify", [cell(base)], [cell(better)])
+    assert g["gain"] == pytest.approx(0.1) and g["ci95"][0] > 0 and g["verdict"] == "better"
+    unpaired = np.subtract(bootstrap(better), bootstrap(base)[::-1])  # the widest difference of the two
+    assert unpaired[0] < 0 < unpaired[1]
+    assert shot_gain("image.classify", [cell(better)], [cell(base)])["verdict"] == "worse"
+    same = shot_gain("image.classify", [cell(base), cell(better)], [cell(base), cell(better)])
+    assert same["gain"] == 0 and same["verdict"] == "no difference" and same["seeds"] == 2
+    # items are matched by index, not by position: the same scores in another order gain nothing
+    shuffled = {"score": 0.5, "items": list(range(39, -1, -1)), "per_item": base[::-1]}
+    assert shot_gain("image.classify", [cell(base)], [shuffled])["ci95"] == [0.0, 0.0]
+    # cells without items (an older arm.json): the seeds' differences
+    seeds = shot_gain("image.classify", [{"score": 0.5}, {"score": 0.4}, {"score": 0.6}],
+                      [{"score": 0.7}, {"score": 0.6}, {"score": 0.9}])
+    assert seeds["paired"] == "seeds" and seeds["gain"] == pytest.approx(0.7 / 3) and seeds["verdict"] == "better"
+    assert shot_gain("image.classify", [None], [cell(base)])["verdict"] == "undecided"
+    assert shot_verdict(math.nan, 1.0) == "undecided" and shot_verdict(-0.1, 0.1) == "no difference"
+
+
+def test_an_arm_evaluated_without_shots_is_evaluated_again_not_retrained(shards, tmp_path, capsys):
+    out = tmp_path / "exp"
+    args = experiment_args(tiny_config(shards, tmp_path), out, "--steps", "2", "--arms", "*_G_*")
+    assert main([*args, "--shots", "0"]) == 0  # scored without demonstrations
+    g = out / "runs" / "base_G_s0"
+    arm = json.loads((g / "arm.json").read_text())
+    assert arm["shot_ks"] == [0] and "### Few-shot" not in (out / "report.md").read_text()
+    losses, ckpt = (g / "train_loss.tsv").read_text(), (g / "checkpoints" / "last.ckpt").stat().st_mtime_ns
+    capsys.readouterr()
+    assert main(args) == 0  # the default shots: the same experiment (hash), evaluated again
+    text = capsys.readouterr().out
+    assert "== base_G_s0: trained; scored without 1, 3 shots, evaluated again" in text
+    assert "== base_G_s0: trains" not in text and "resumes" not in text
+    again = json.loads((g / "arm.json").read_text())
+    assert again["shot_ks"] == [0, 1, 3] and set(again["shots"]["image.classify"]) == {"0", "1", "3"}
+    assert again["trained_steps"] == arm["trained_steps"] == 2 and again["scores"] == arm["scores"]
+    assert (g / "train_loss.tsv").read_text() == losses and (g / "checkpoints" / "last.ckpt").stat().st_mtime_ns == ckpt
+    assert json.loads((out / "experiment.json").read_text())["protocol"]["shots"] == [0, 1, 3]
+    assert "### Few-shot prompting (G)" in (out / "report.md").read_text()
+    capsys.readouterr()
+    assert main(args) == 0
+    assert "== base_G_s0: done, skipped" in capsys.readouterr().out
 
 
 def test_a_second_invocation_skips_every_finished_arm(done, capsys, tmp_path):

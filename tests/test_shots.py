@@ -38,11 +38,11 @@ def test_a_share_of_training_samples_carries_demonstrations(shard_dir, toks):
     assert shots[-1].stats["with_shots"] > 0 and "with_shots" not in alone[-1].stats
 
 
-def test_validation_and_control_never_get_demonstrations(shard_dir, toks):
+def test_validation_never_gets_demonstrations(shard_dir, toks):
     val = StreamDataset(cfg(shard_dir, shot_share=1.0), toks, TASKS, 0, 1, split="val", split_by="samples")
     assert not any(val.shots_ok)
     train = StreamDataset(cfg(shard_dir, shot_share=1.0), toks, TASKS, 0, 1)
-    assert train.shots_ok == [True, True, True, True, False]
+    assert train.shots_ok == [True] * 5  # control too: demonstration episodes before its window
 
 
 def test_training_context_is_the_prompt_few_shot_prompting_builds(shard_dir, toks, tmp_path):
@@ -72,3 +72,193 @@ def test_shot_settings_are_checked():
         DataConfig(shot_share=1.5)
     with pytest.raises(ValueError, match="max_shots"):
         DataConfig(max_shots=0)
+
+
+# --------------------------------------------------------------------------------------
+# control: demonstrations are the last timesteps of other expert episodes (Gato)
+# --------------------------------------------------------------------------------------
+CART = "control.cartpole-v1"
+
+
+def episode(key: str, T: int, policy: str | None, seed: int) -> dict:
+    rng = np.random.default_rng(seed)
+    meta = {"task": CART, "env": "CartPole-v1", "return": float(T), **({"policy": policy} if policy else {})}
+    return {"__key__": key, "obs.npy": rng.normal(size=(T, 4)).astype(np.float32),
+            "act.npy": rng.integers(0, 2, T).astype(np.int64), "json": meta}
+
+
+@pytest.fixture
+def ctl_shards(tmp_path, toks):
+    """CartPole episodes: 16 in train (every other one an expert's, the rest 'dart'), 4 in
+    val and test, a manifest with the environment's baselines, the tokenizers' models."""
+    import json
+
+    import webdataset as wds
+
+    from unimodal.data_pipelines.shards import encode_sample
+
+    splits = {}
+    for split, n in (("train", 16), ("val", 4), ("test", 4)):
+        (tmp_path / split).mkdir()
+        eps = [episode(f"{split}{i}", 8 + 7 * i, "expert" if i % 2 == 0 else "dart", i) for i in range(n)]
+        with wds.TarWriter(str(tmp_path / split / f"{split}-000000.tar")) as w:
+            for s in eps:
+                w.write(encode_sample(s))
+        splits[split] = {"shards": [f"{split}/{split}-000000.tar"], "samples": {CART: n}, "total": n}
+    manifest = {"splits": splits, "control": {"CartPole-v1": {"expert_return": 500.0, "random_return": 20.0}}}
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    (tmp_path / "text.model").write_bytes(toks.text.model_proto)
+    (tmp_path / "code.model").write_bytes(toks.code.model_proto)
+    return tmp_path
+
+
+def _raw_episodes(ds) -> dict[str, dict]:
+    """The train split's raw samples of a StreamDataset, by key."""
+    out = {}
+    for raw, _ in ds.samples(ds.urls, np.random.default_rng(0), Counter()):
+        if raw["__key__"] in out:
+            return out
+        out[raw["__key__"]] = raw
+
+
+def test_control_training_demonstrations_are_the_prefix_the_roll_out_builds(ctl_shards, toks, tmp_path):
+    """A control sample trained behind demonstrations starts with exactly the ids the
+    roll-out's context starts with for the same demonstration episodes; each demonstration
+    is its episode's last timesteps with its actions as targets, and the live window keeps
+    at least half the row."""
+    from unimodal.data_pipelines.packing import flatten, sample_length
+    from unimodal.data_pipelines.tasks import special
+    from unimodal.rollout import ControlRunner
+
+    um = tiny_unimodal(toks, tmp_path / "m.ckpt", [CART], seq_len=128)
+    ds = StreamDataset(cfg(ctl_shards, shot_share=1.0, seq_len=128), toks, [CART], 0, 1)
+    raws = _raw_episodes(ds)
+    query, demo = raws["train1"], raws["train14"]  # a dart episode as the query, an expert's 113 steps
+    eos = special("<eos>").ids[0]
+    for seed in range(4):  # 1..3 demonstrations, all of the one expert episode in the reservoir
+        trained = ds._control_with_shots(decode_sample(dict(query)), query, 0, [query, demo, raws["train3"]],
+                                         np.random.default_rng(seed), Counter())
+        flat = flatten(trained)
+        k = int((flat["ids"] == eos).sum())
+        assert 1 <= k <= 3 and sample_length(trained) <= 128
+        runner = ControlRunner(um, CART, n=1, context=128, demos=[decode_sample(dict(demo))] * k)
+        P = int(runner.prefix_len[0])
+        assert flat["ids"][:P].tolist() == runner.prefix_ids[0].tolist()
+        assert flat["modality"][:P].tolist() == runner.prefix_mod[0].tolist()
+        assert P - runner.n_plain <= 64  # the demonstrations take at most half the row
+        # the demonstration is the episode's last timesteps: its actions end with the episode's
+        act = np.asarray(decode_sample(dict(demo))["act.npy"])
+        start = toks.vocab.range("action")[0]
+        demo_acts = [s.ids[0] - start for s in trained[: next(j for j, s in enumerate(trained) if s.ids[0] == eos)]
+                     if s.modality == "action"]
+        assert demo_acts == act[len(act) - len(demo_acts):].tolist() and len(demo_acts) < len(act)
+        # one loss rule: demonstration actions are targets, as in an episode's own training form
+        assert all(s.is_target for s in trained if s.modality == "action")
+        assert not any(s.is_target for s in trained if s.modality != "action")
+
+
+def test_only_other_expert_episodes_are_control_demonstrations(ctl_shards, toks):
+    from unimodal.data_pipelines.packing import flatten
+    from unimodal.data_pipelines.tasks import special
+    ds = StreamDataset(cfg(ctl_shards, shot_share=1.0, seq_len=128), toks, [CART], 0, 1)
+    raws = _raw_episodes(ds)
+    eos = special("<eos>").ids[0]
+    stats = Counter()
+    # the reservoir holds the query itself (an expert's) and dart episodes only: the window alone
+    alone = ds._control_with_shots(decode_sample(dict(raws["train2"])), raws["train2"], 0,
+                                   [raws["train2"], raws["train1"], raws["train3"]], np.random.default_rng(0), stats)
+    assert not any(eos in s.ids for s in alone) and stats["with_shots"] == 0
+    plain = get_task(CART).to_spans(decode_sample(dict(raws["train2"])), toks, np.random.default_rng(0), max_len=128)
+    assert flatten(alone)["ids"].tolist() == flatten(plain)["ids"].tolist()  # the window of a row alone
+    # the whole stream: with shot_share 1 most control samples carry demonstrations
+    batches = take(StreamDataset(cfg(ctl_shards, shot_share=1.0, seq_len=128, shuffle_buffer=16), toks, [CART], 0, 1))
+    assert batches[-1].stats["with_shots"] > 0.5 * batches[-1].stats["used"]
+    assert max(n for b in batches for n in _eos_per_sample(b, eos)) >= 2
+
+
+def test_a_re_prefill_keeps_the_demonstrations_at_the_front(toks, tmp_path):
+    """Driven past its context, the runner re-prefills the live episode's window only: the
+    demonstrations stay the first ids of every row with their cached keys untouched, the
+    live episode keeps as many timesteps as a runner without demonstrations keeps, and the
+    logits of every action are those of a fresh, uncached forward over the row's context
+    (rows with prefixes of different lengths included)."""
+    import torch
+
+    from unimodal.rollout import ControlRunner
+
+    um = tiny_unimodal(toks, tmp_path / "m.ckpt", [CART], seq_len=96)
+    demos = [[episode("a", 40, "expert", 1)], [episode("b", 2, "expert", 2)]]  # 5 and 2 timesteps kept
+    runner = ControlRunner(um, CART, n=2, context=96, refill=0.5, demos=demos)
+    plain = ControlRunner(um, CART, n=2, context=96, refill=0.5)
+    P = runner.prefix_ids.shape[1]
+    assert runner.prefix_len.tolist()[0] == P > runner.prefix_len.tolist()[1] > plain.prefix_ids.shape[1]
+    feed, logits = runner._feed, []
+    runner._feed = lambda: logits.append(feed()) or logits[-1]
+    lives, plain_lives = [], []  # timesteps each re-prefill keeps of the live episode
+
+    def counting(r, into):
+        window = r._window
+        r._window = lambda budget, cur: (window(budget, cur), into.append(len(r.steps)) if budget < 96 else None)
+    counting(runner, lives)
+    counting(plain, plain_lives)
+    rng = np.random.default_rng(0)
+    spec, kept = runner.spec, None
+    for t in range(30):
+        obs = rng.normal(size=(2, 4)).astype(np.float32)
+        runner(obs[:runner.n])
+        plain(obs)
+        if t == 0:
+            kept = runner.cache.k[:, :, :, :P].clone()
+        assert (runner.seq_ids[:, :P] == runner.prefix_ids).all() and runner.cache.length >= P
+        assert torch.equal(runner.cache.k[:, :, :, :P], kept)
+        for r in range(runner.n):  # the reference: one row, no cache, no padding
+            own = int(runner.prefix_len[r])
+            ids = np.concatenate([runner.prefix_ids[r, :own], runner.seq_ids[r, P:-1]])
+            mod = np.concatenate([runner.prefix_mod[r, :own], runner.seq_mod[r, P:-1]])
+            x = torch.from_numpy(ids)[None]
+            with torch.inference_mode():
+                want = um.model(ids=x, modality=torch.from_numpy(mod)[None],
+                                positions=torch.arange(len(ids))[None], sample_ids=torch.zeros_like(x))[0, -1]
+            torch.testing.assert_close(logits[-1][r], want, atol=1e-4, rtol=1e-4)
+            assert int(spec.pick(want[None], runner.allowed, 0.0, None, None)[0]) == runner.seq_ids[r, -1]
+        if t == 20:
+            runner.select([1])  # the episode with the longer prefix ended
+            kept = kept[:, [1]]
+    assert lives and set(lives) == set(plain_lives) == {(48 - plain.prefix_ids.shape[1] - 6) // 6}
+
+
+def test_evaluate_scores_control_behind_0_1_and_3_demonstrations(ctl_shards, toks, tmp_path, monkeypatch):
+    """`evaluate(..., shots=(0, 1, 3))` rolls the same episodes out behind k expert train
+    episodes (1 shot's the first of 3 shots'), with n and intervals per k; 0 shots is the
+    plain roll-out, which shots=() and shots=(0,) leave as it is."""
+    from unimodal import evaluate as ev
+    from unimodal.evaluate import evaluate, markdown_table
+
+    um = tiny_unimodal(toks, tmp_path / "m.ckpt", [CART], seq_len=256)
+    seen = []
+    real = ev.ControlRunner
+
+    def spy(*a, demos=(), **kw):
+        seen.append([[d["__key__"] for d in row] for row in demos])
+        return real(*a, demos=demos, **kw)
+
+    monkeypatch.setattr(ev, "ControlRunner", spy)
+    res = evaluate(um, str(ctl_shards), tasks=[CART], episodes=3, shots=(0, 1, 3))
+    m = res["tasks"][CART]
+    assert set(m["shots"]) == {"0", "1", "3"}
+    for k, cell in m["shots"].items():
+        assert cell["n"]["normalized_return"] == 3 and len(cell["ci95"]["normalized_return"]) == 2
+        lo, hi = cell["ci95"]["normalized_return"]
+        assert lo <= np.mean(cell["per_item"]["normalized_return"]) <= hi and cell["items"] == [0, 1, 2]
+        assert cell["demonstrations"] == int(k)  # all of them fit in 256 positions
+    assert m["shots"]["0"]["per_item"] == m["per_item"]
+    plain, one, three = seen
+    assert plain == [] and [len(r) for r in one] == [1] * 3 and [len(r) for r in three] == [3] * 3
+    experts = {f"train{i}" for i in range(0, 16, 2)}
+    for o, t in zip(one, three):
+        assert o[0] == t[0] and len(set(t)) == 3 and set(t) <= experts  # nested, distinct, experts of train
+    assert "| control.cartpole-v1 | 3 shots | 3 |" in markdown_table(res)
+    none = evaluate(um, str(ctl_shards), tasks=[CART], episodes=3, shots=())
+    zero = evaluate(um, str(ctl_shards), tasks=[CART], episodes=3, shots=(0,))
+    assert none["tasks"][CART]["per_item"] == zero["tasks"][CART]["per_item"] == m["per_item"]
+    assert "shots" not in zero["tasks"][CART]

@@ -63,8 +63,11 @@ def test_a_run_writes_its_folder_and_resumes_from_last(shard_dir, tmp_path, caps
     assert (tmp_path / "latest").resolve() == run.resolve()
     cfg = yaml.safe_load((run / "config.yaml").read_text())
     assert cfg["trainer"]["max_steps"] == 6 and cfg["model"]["d_model"] == 64
+    assert "provenance" not in cfg  # config.yaml is a file --config takes back
     assert (run / "eval.json").exists()
     ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    provenance = ckpt["hyper_parameters"]["config"]["provenance"]  # for the model card
+    assert provenance["command"].split()[0] in ("python", os.path.basename(sys.argv[0]))
     assert ckpt["global_step"] == 6 and "tokenizers" in ckpt and "text_model" in ckpt["tokenizers"]
     from unimodal.tokenizers.vocab import Tokenizers
     value_range = Tokenizers.from_state(ckpt["tokenizers"]).vocab.range("value")

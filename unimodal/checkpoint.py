@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from unimodal.errors import CheckpointError
-from unimodal.model import WRAPPER_SEGMENTS
+from unimodal.model import WRAPPER_SEGMENTS, Decoder, ModelConfig
 from unimodal.tokenizers.vocab import Tokenizers
 
 # segments that FSDP, torch.compile and activation checkpointing insert into parameter names
@@ -81,8 +81,42 @@ def tokenizers_from(path: str | os.PathLike) -> Tokenizers:
     if is_exported(path):
         return load_tokenizers(path)
     p = checkpoint_file(path)
-    ckpt = load_checkpoint(p)
+    return tokenizers_of(load_checkpoint(p)["tokenizers"], p)
+
+
+def model_config_of(settings: dict, where: str | os.PathLike) -> ModelConfig:
+    """The ModelConfig of saved model settings (a checkpoint's or an export's config.json);
+    CheckpointError naming ``where`` when this version cannot build them."""
+    settings = dict(settings)
+    if settings.get("value_ids") is not None:  # JSON has no tuples
+        settings["value_ids"] = tuple(settings["value_ids"])
     try:
-        return Tokenizers.from_state(ckpt["tokenizers"])
+        return ModelConfig(**settings)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{where} has model settings this version cannot build: {e}") from None
+
+
+def tokenizers_of(state: dict, where: str | os.PathLike) -> Tokenizers:
+    """``Tokenizers.from_state``; CheckpointError naming ``where`` when they cannot be rebuilt."""
+    try:
+        return Tokenizers.from_state(state)
     except Exception as e:  # a bad sentencepiece proto, a missing key, a spec mismatch
-        raise CheckpointError(f"{p} holds tokenizers that cannot be rebuilt: {e}") from None
+        raise CheckpointError(f"{where} holds tokenizers that cannot be rebuilt: {e}") from None
+
+
+def decoder_of(cfg: ModelConfig, state: dict[str, torch.Tensor], where: str | os.PathLike,
+               settings: str = "its own model settings") -> Decoder:
+    """A Decoder of ``cfg`` holding ``state`` (the Decoder's names), built on the meta device
+    so no init runs, its head re-tied when ``tie_embeddings``. CheckpointError naming
+    ``where`` and ``settings`` when the names or shapes do not match."""
+    with torch.device("meta"):
+        model = Decoder(cfg)
+    try:
+        model.load_state_dict(state, strict=True, assign=True)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()
+        raise CheckpointError(f"{where} does not match {settings}: "
+                              f"{' '.join(first[1:2] or first)[:200]}") from None
+    if cfg.tie_embeddings:  # assign=True loaded two separate tensors; tie them again
+        model.head.weight = model.wte.weight
+    return model

@@ -1,4 +1,4 @@
-"""The `unimodal` command: data | train | tasks | tokenizer | prompt | eval | bench | experiment.
+"""The `unimodal` command: data | train | tasks | tokenizer | prompt | eval | export | bench | experiment.
 
 Errors a person can cause (a bad flag, a missing file, an unknown task) print one line on
 stderr and exit with status 2; ``--debug`` anywhere on the line shows the traceback.
@@ -11,13 +11,16 @@ import warnings
 USAGE = """usage: unimodal <command> [options]
 
 commands:
-  data build|list|check  write webdataset shards from a recipe (unimodal data build --recipe demo
-                    --out data/demo); check a shard folder for train/test leaks
+  data build|list|check|convert  write webdataset shards from a recipe (unimodal data build --recipe demo
+                    --out data/demo); check a shard folder for train/test leaks; convert data
+                    you have (unimodal data convert --list)
   train             train a model (same as python train.py; --help lists every option)
   tasks             list the registered tasks and their instructions
   tokenizer train   train a sentencepiece model for text or code
   prompt            ask a checkpoint to do a task on your inputs
   eval              evaluate a checkpoint on a split
+  export            write a checkpoint as a model-hub folder (safetensors, config.json,
+                    tokenizer files, model card) that Unimodal.from_pretrained loads
   bench             measure speed against a peer and the machine
   experiment        one-vs-many: one generalist against specialists per task, over seeds and sizes;
                     report DIR assembles the report from an experiment folder
@@ -29,9 +32,10 @@ commands:
 def _user_errors() -> tuple[type[BaseException], ...]:
     from unimodal.data_pipelines.loader import DataError
     from unimodal.data_pipelines.shards import DataBuildError
+    from unimodal.data_pipelines.tasks import TaskFileError
     from unimodal.errors import UnimodalError
     from unimodal.training import ConfigError
-    return (DataError, ConfigError, DataBuildError, UnimodalError)
+    return (DataError, ConfigError, DataBuildError, UnimodalError, TaskFileError)
 
 
 def user_message(e: BaseException) -> str:
@@ -127,9 +131,14 @@ def cmd_tasks(argv: list[str]) -> int:
 
     p = argparse.ArgumentParser(prog="unimodal tasks", description="List the registered tasks.")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    _tasks_file_arg(p)
     args = p.parse_args(argv)
+    decls = _register_tasks_file(args.tasks_file)
     rows = {n: {"instruction": t.instruction, "output": t.output, "held_out": t.held_out}
             for n, t in TASKS.items()}
+    # the file's families (names with placeholders), as declared
+    rows.update({d["name"]: {"instruction": d["instruction"], "output": next(iter(d["target"])),
+                             "held_out": d["held_out"]} for d in decls if d["name"] not in rows})
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
@@ -151,6 +160,19 @@ def cmd_tokenizer(argv: list[str]) -> int:
     if argv[:1] == ["train"]:
         argv = argv[1:]
     return tok_main(["train", *argv])
+
+
+def _tasks_file_arg(p) -> None:
+    p.add_argument("--tasks_file", "--tasks-file", dest="tasks_file",
+                   help="a YAML file of declared tasks to know besides the built-in ones and the "
+                        "checkpoint's (docs/data-format.md, 'Declaring a task')")
+
+
+def _register_tasks_file(path: str | None) -> list[dict]:
+    """Register the declarations of ``--tasks_file`` (TaskFileError: one line, exit 2)."""
+    from unimodal.data_pipelines.tasks import register_task_file
+
+    return register_task_file(path)
 
 
 def _gen_args(p) -> None:
@@ -181,6 +203,7 @@ def cmd_prompt(argv: list[str]) -> int:
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--json", action="store_true", help="print one JSON object; the answer is under 'output'")
+    _tasks_file_arg(p)
     args = p.parse_args(argv)
 
     from unimodal.errors import InputError
@@ -196,11 +219,12 @@ def cmd_prompt(argv: list[str]) -> int:
             obs = json.loads(args.obs)
         except json.JSONDecodeError:
             raise InputError(f"--obs is not JSON: {args.obs!r}") from None
-    sample = prompt_sample(args.task, image=args.image, audio=args.audio, code=args.code, obs=obs,
-                           text=args.text)
     if args.shots < 0:
         raise InputError("--shots must be 0 or more")
-    um = Unimodal.from_checkpoint(args.ckpt, device=args.device)
+    _register_tasks_file(args.tasks_file)
+    um = Unimodal.from_checkpoint(args.ckpt, device=args.device)  # it knows its declared tasks
+    sample = prompt_sample(args.task, image=args.image, audio=args.audio, code=args.code, obs=obs,
+                           text=args.text)
     shots = []
     if args.shots:
         if args.task is None:
@@ -240,12 +264,14 @@ def cmd_eval(argv: list[str]) -> int:
     p.add_argument("--max-samples", type=int, default=None, help="cap on samples per task")
     p.add_argument("--batch-size", type=int, default=32, help="prompts decoded together")
     p.add_argument("--shots", type=int, nargs="+", default=[0],
-                   help="also score the first --shot-samples items of each image, audio and text task "
-                        "behind this many demonstrations from the train split (e.g. --shots 0 1 3)")
+                   help="also score the first --shot-samples items of each task scored on its answers, "
+                        "and every control episode, behind this many demonstrations from the train split "
+                        "(control: expert episodes' last timesteps; e.g. --shots 0 1 3)")
     p.add_argument("--shot-samples", type=int, default=100, help="items per task scored with demonstrations")
     p.add_argument("--out", help="write the results as JSON here ({'tasks': {name: {metric: value, "
                    "'n': .., 'ci95': .., 'breakdown': ..}}, 'summary': ..})")
     p.add_argument("--progress", action="store_true", help="progress bars on stderr")
+    _tasks_file_arg(p)
     args = p.parse_args(argv)
 
     from unimodal.evaluate import evaluate, markdown_table, write_json
@@ -255,7 +281,8 @@ def cmd_eval(argv: list[str]) -> int:
     if args.threads:
         import torch
         torch.set_num_threads(args.threads)
-    um = Unimodal.from_checkpoint(args.ckpt, device=args.device)
+    _register_tasks_file(args.tasks_file)
+    um = Unimodal.from_checkpoint(args.ckpt, device=args.device)  # it knows its declared tasks
     shards = args.shards or (um.config.get("data") or {}).get("shards")
     if not shards:
         raise InputError("--shards is needed: the checkpoint does not say where its data is")
@@ -266,6 +293,41 @@ def cmd_eval(argv: list[str]) -> int:
     if args.out:
         write_json(results, args.out)
         print(f"wrote {args.out}")
+    return 0
+
+
+def _size(n: int) -> str:
+    for unit, size in (("GB", 1 << 30), ("MB", 1 << 20), ("kB", 1 << 10)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n} B"
+
+
+def cmd_export(argv: list[str]) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(
+        prog="unimodal export",
+        description="Write a checkpoint as the folder a model hub takes: model.safetensors (weights "
+                    "only), config.json, text.model, code.model, tokenizers.json and a README.md "
+                    "model card. Unimodal.from_pretrained(DIR) loads it without pickle or Lightning.")
+    p.add_argument("--ckpt", required=True, help="checkpoint file or run folder (runs/<run>: its "
+                                                 "checkpoints/last.ckpt)")
+    p.add_argument("--out", required=True, help="the folder to write (must not exist or be empty)")
+    p.add_argument("--eval", dest="eval_json", help="an eval.json (unimodal eval --out) for the model card "
+                                                    "(default: the run folder's, if it evaluated this checkpoint)")
+    p.add_argument("--force", action="store_true", help="replace a non-empty --out")
+    args = p.parse_args(argv)
+
+    from unimodal.export import FILES, export
+
+    out = export(args.ckpt, args.out, eval_json=args.eval_json, force=args.force)
+    sizes = [(name, (out / name).stat().st_size) for name in FILES]
+    width = max(len(n) for n, _ in sizes)
+    for name, size in sizes:
+        print(f"wrote {out / name}{' ' * (width - len(name))}  {_size(size):>9}")
+    print(f"total {_size(sum(s for _, s in sizes))} in {out}")
+    print(f'load it with: Unimodal.from_pretrained("{out}")')
     return 0
 
 
@@ -286,6 +348,7 @@ COMMANDS = {
     "tokenizer": cmd_tokenizer,
     "prompt": cmd_prompt,
     "eval": cmd_eval,
+    "export": cmd_export,
     "bench": cmd_bench,
     "experiment": cmd_experiment,
 }

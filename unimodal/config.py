@@ -92,6 +92,8 @@ class TrainConfig:
     """Devices, precision, parallelism, loop length."""
     tasks: list[str] | None = None
     """Tasks to train on (default: every task of the train split, held-out ones excluded)."""
+    tasks_file: str | None = None
+    """A YAML file of declared tasks (docs/data-format.md, "Declaring a task"), registered before training; the checkpoint keeps them."""
     ckpt_every: int = 250
     """Save a checkpoint every this many steps (and at the end)."""
     ckpt_path: str | None = None

@@ -9,7 +9,15 @@ reported under its own name):
 | audio.transcribe* | ``accuracy`` | subset x ``heldout_voice``, phrases x ``text_in_train``, ``accent`` |
 | text.translate.* | corpus ``chrf`` and ``bleu`` (sacrebleu, 0..100), ``exact_match`` (strip + lower) | ``domain``, ``number`` in 0-20, 21-99, 100-999, 1000-9999, >=10000, ``src_form`` (chrF and exact match) |
 | code.complete | ``exact_match_next_line`` (mode 'next_lines'), ``bits_per_byte`` of the reference completions under teacher forcing, ``baseline_bits_per_byte`` of an add-one unigram over code ids fitted on the train split, ``bpb_ratio`` | ``mode`` (bits per byte) |
+| image.caption | corpus ``chrf`` and ``bleu``, ``exact_match`` | |
 | control.* | closed-loop ``return`` (mean over episodes) and ``normalized_return`` = (return - random) / (expert - random); ``nonfinite_episodes``: episodes cut short by a non-finite observation or reward | |
+
+Every task but control is declared (data_pipelines/tasks.yaml, a user's ``--tasks_file``) and
+scored by its declaration's ``metric`` (``tasks.METRICS``): ``accuracy`` or ``exact_match``
+(the same comparison under two names), ``chrf`` (chrF, BLEU, exact match) or
+``bits_per_byte`` (of its target field, its own train split's unigram as the baseline; with
+next-line exact match for samples of mode 'next_lines'). The table above is the built-ins'
+declarations; the breakdowns go by the name's first word (``GROUPS``).
 
 Every metric comes with its ``n`` and 95% interval (``ci95``, see unimodal/stats.py): Wilson's
 for accuracies and exact matches, a percentile bootstrap over samples for chrF, BLEU (the
@@ -28,7 +36,11 @@ Control episodes run on seeds ``seed .. seed + episodes - 1`` (data seeds are be
 10,000), all episodes of a task as one batch through ``ControlRunner``, which appends each
 timestep to a KV cache. A task's environment and action space are the shard manifest's
 (its ``control`` section), else the environment's own; expert and random returns come from
-the manifest too (computed with data_pipelines/control.py if absent).
+the manifest too (computed with data_pipelines/control.py if absent). With ``shots``, the
+same episodes also run behind k demonstrations: the last timesteps of k expert episodes of
+the train split, drawn per episode with a fixed seed, at the front of the context as
+training puts them (``Control.demo_spans``; the evaluation seeds are never data seeds, so
+a demonstration is never the episode it prompts).
 
 A broken model (NaN weights) gets its bad scores, never a crash: decoding turns non-finite
 logits into valid ids (``decoding.finite_logits``), an episode whose environment returns a
@@ -124,12 +136,15 @@ def translation_metrics(hyps: Sequence[str], refs: Sequence[str], bleu: bool = T
     return out
 
 
-def answer_scores(family: str, preds: Sequence[str], refs: Sequence[str], bleu: bool = True) -> dict[str, Scored]:
-    """The scores of a task family's generated answers: translation metrics for text,
-    accuracy (exact match after ``normalize``) otherwise."""
-    if family == "text":
+def answer_scores(metric: str, preds: Sequence[str], refs: Sequence[str], bleu: bool = True) -> dict[str, Scored]:
+    """The scores of generated answers by a task's declared ``metric``: 'chrf' the
+    translation metrics, 'accuracy' or 'exact_match' the exact match after ``normalize``
+    under that name."""
+    if metric == "chrf":
         return translation_metrics(preds, refs, bleu=bleu)
-    return {"accuracy": rate([normalize(p) == normalize(r) for p, r in zip(preds, refs)])}
+    if metric not in ("accuracy", "exact_match"):
+        raise ValueError(f"{metric!r} is not a metric of generated answers")
+    return {metric: rate([normalize(p) == normalize(r) for p, r in zip(preds, refs)])}
 
 
 def translation_scores(hyps: Sequence[str], refs: Sequence[str]) -> dict[str, float]:
@@ -319,19 +334,23 @@ def control_metrics(rets: Sequence[float], baseline: dict) -> dict[str, Any]:
 
 
 def evaluate_control(um: Unimodal, task_name: str, manifest: dict | None = None, episodes: int = 20,
-                     seed: int = ctl.EVAL_SEED_START, context: int | None = None) -> dict[str, float]:
+                     seed: int = ctl.EVAL_SEED_START, context: int | None = None,
+                     demos: Sequence[Sequence[dict]] = ()) -> dict[str, float]:
     """Closed-loop metrics of ``um`` acting greedily in ``task_name``'s environment
     (``control_metrics`` plus ``nonfinite_episodes``, see ``run_episodes``). The environment
-    and its action space are the manifest's, else found from the task's name."""
+    and its action space are the manifest's, else found from the task's name. ``demos``:
+    the demonstration episodes before each episode (one list per episode, ``ControlRunner``)."""
     env_id = ctl.env_for_task(task_name, manifest)
     if env_id is None:
         raise InputError(f"{task_name} has no environment to roll out in; known: {', '.join(ctl.TASK_ENV)}")
-    runner = ControlRunner(um, task_name, n=episodes, context=context)
+    runner = ControlRunner(um, task_name, n=episodes, context=context, demos=demos)
     stats: Counter = Counter()
     space = ctl.space_in_manifest(((manifest or {}).get("control") or {}).get(env_id))
+    shots = list(runner.shots)  # before the runner drops finished episodes
     rets = run_episodes(env_id, runner, episodes, seed, stats, space=space or runner.spec.space)
     return {**control_metrics(rets, control_baselines(env_id, manifest, episodes, seed)),
-            "nonfinite_episodes": stats["nonfinite_episodes"]}
+            "nonfinite_episodes": stats["nonfinite_episodes"],
+            **({"demonstrations": min(shots)} if any(shots) else {})}
 
 
 # --------------------------------------------------------------------------------------
@@ -385,25 +404,27 @@ def generate_answers(um: Unimodal, task_name: str, samples: Sequence[dict], batc
     return preds, refs, kept
 
 
-def code_bits(um: Unimodal, samples: Sequence[dict], skipped: Counter | None = None
+def code_bits(um: Unimodal, samples: Sequence[dict], skipped: Counter | None = None,
+              task_name: str = "code.complete"
               ) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[np.ndarray], list[dict]]:
-    """Teacher-forced bits of the reference completions of code.complete ``samples``.
+    """Teacher-forced bits of the reference answers (code.complete's completions, or the
+    target of another task scored by bits per byte) of ``samples``.
 
-    Returns, per scored sample: bits float [n], completion tokens int [n], completion UTF-8
-    bytes int [n], completion local ids, and the samples scored. Samples longer than the
-    training row length are skipped.
+    Returns, per scored sample: bits float [n], answer tokens int [n], answer UTF-8 bytes
+    int [n], answer local ids (of the task's output range), and the samples scored. Samples
+    longer than the training row length are skipped.
     """
-    task = get_task("code.complete")
+    task = get_task(task_name)
     skipped = skipped if skipped is not None else Counter()
     bits, n_tok, n_bytes, local, kept = [], [], [], [], []
-    off = um.toks.code.offset
+    off = getattr(um.toks, task.output).offset
     for s in samples:
         try:
             spans = task.to_spans(s, um.toks, max_len=um.seq_len)
         except BadSample as e:
             skipped[e.reason] += 1
             continue
-        b, n = um.target_bits([spans], "code", rows=1)  # one at a time: bits per sample
+        b, n = um.target_bits([spans], task.output, rows=1)  # one at a time: bits per sample
         bits.append(b)
         n_tok.append(n)
         n_bytes.append(len(task.answer(s).encode("utf-8")))
@@ -413,20 +434,23 @@ def code_bits(um: Unimodal, samples: Sequence[dict], skipped: Counter | None = N
             local, kept)
 
 
-def train_unigram(um: Unimodal, shards: str, split: str = "train") -> np.ndarray | None:
-    """Add-one unigram counts over code ids of the ``split`` completions (None if absent)."""
+def train_unigram(um: Unimodal, shards: str, split: str = "train",
+                  task_name: str = "code.complete") -> np.ndarray | None:
+    """Add-one unigram counts over the output range's local ids of the ``split``'s answers
+    of ``task_name`` (code.complete: its completions; None if it has none)."""
     try:
         resolve_shards(shards, split)
     except Exception:
         return None
-    size = um.toks.code.size
-    off = um.toks.code.offset
+    task = get_task(task_name)
+    tok = getattr(um.toks, task.output)
+    field = getattr(task, "target_field", "completion")
     ids = []
-    for s in iter_split(shards, split, ["code.complete"]):
-        comp = (s.get("json") or {}).get("completion")
+    for s in iter_split(shards, split, [task_name]):
+        comp = (s.get("json") or {}).get(field)
         if isinstance(comp, str) and comp:
-            ids.append(um.toks.code.encode(comp).ids - off)
-    return unigram_counts(ids, size) if ids else None
+            ids.append(tok.encode(comp).ids - tok.offset)
+    return unigram_counts(ids, tok.size) if ids else None
 
 
 # --------------------------------------------------------------------------------------
@@ -474,7 +498,10 @@ def evaluate(model: Unimodal, shards: str, split: str = "test", tasks: Sequence[
         shots: numbers of demonstrations to also score the first ``shot_samples`` items of
             each trained sample task with (e.g. (0, 1, 3)); the demonstrations are drawn
             from the train split, the same first ones for every k, and land in
-            ``tasks[name]["shots"][str(k)]`` with n and intervals. Code and control have none.
+            ``tasks[name]["shots"][str(k)]`` with n and intervals, and the ``items`` scored
+            with their ``per_item`` scores (for paired comparisons across k). Control tasks
+            roll their episodes out behind k expert train episodes' last timesteps
+            (``_control_shots``; k = 0 is the plain roll-out). Code has none.
 
     Returns:
         ``{"tasks": {name: {metric: value, "n": {metric: n}, "ci95": {metric: [lo, hi]},
@@ -542,7 +569,14 @@ def evaluate(model: Unimodal, shards: str, split: str = "test", tasks: Sequence[
         few = [t for t in results if _shot_task(t, model)] if any(k > 0 for k in shots) else []
         pools = _shot_pools(shards, few)
         for name in few:
-            if pools.get(name):
+            if not pools.get(name):
+                continue
+            if isinstance(get_task(name), Control):
+                if progress:
+                    bar.write(f"rolling out {name} behind {', '.join(map(str, sorted(set(shots))))} demonstrations")
+                results[name]["shots"] = _control_shots(model, name, manifest, episodes, seed, pools[name],
+                                                        sorted(set(shots)), results[name])
+            else:
                 results[name]["shots"] = _few_shot(model, name, by_task[name][:shot_samples], pools[name],
                                                    sorted(set(shots)), batch_size, seed)
     finally:
@@ -569,36 +603,109 @@ SHOT_POOL = 200  # train samples per task the demonstrations are drawn from
 
 
 def _shot_task(name: str, um: Unimodal) -> bool:
-    family = name.split(".")[0]
-    return family in ("image", "audio", "text") and name in (um.tasks or ()) and not _held_out(name)
+    """A trained task scored on generated answers (not code's bits) or a control task, not held out."""
+    task = get_task(name)
+    return ((task.metric in _ANSWER_METRICS or isinstance(task, Control)) and name in (um.tasks or ())
+            and not _held_out(name))
+
+
+_ANSWER_METRICS = ("accuracy", "exact_match", "chrf")
 
 
 def _shot_pools(shards: str, tasks: Sequence[str]) -> dict[str, list[dict]]:
-    """The first SHOT_POOL train samples of each task (read until all are full)."""
+    """The first SHOT_POOL train samples of each task (read until all are full); of a
+    control task, its expert episodes (``Control.is_demo``) that are whole episodes."""
     pools: dict[str, list[dict]] = {t: [] for t in tasks}
     if not tasks:
         return pools
     for s in iter_split(shards, "train", list(tasks)):
         pool = pools.get((s.get("json") or {}).get("task"))
-        if pool is not None and len(pool) < SHOT_POOL:
+        if pool is not None and len(pool) < SHOT_POOL and _demo_ok(s):
             pool.append(s)
             if all(len(p) >= SHOT_POOL for p in pools.values()):
                 break
     return pools
 
 
+def _demo_ok(sample: dict) -> bool:
+    """Whether a train sample may be a demonstration: any of a non-control task; of a
+    control task an expert's whole, finite episode."""
+    task = get_task((sample.get("json") or {}).get("task"))
+    if not isinstance(task, Control):
+        return True
+    try:
+        task.episode(sample)
+    except BadSample:
+        return False
+    return task.is_demo(sample)
+
+
+def chrf_statistics(hyps: Sequence[str], refs: Sequence[str]) -> list[list[float]]:
+    """sacrebleu's chrF statistics of each (hypothesis, reference) pair, stripped as
+    ``translation_metrics`` strips them: their sum over any subset gives its corpus chrF
+    (``chrf_of_statistics``), so a paired comparison can resample items."""
+    from sacrebleu.metrics import CHRF
+
+    return [list(map(float, x)) for x in
+            CHRF()._extract_corpus_statistics([h.strip() for h in hyps], [[r.strip() for r in refs]])]
+
+
+def chrf_of_statistics(stats: np.ndarray) -> float:
+    """Corpus chrF (0..100) of per-item statistics float [n, k] (``chrf_statistics``)."""
+    from sacrebleu.metrics import CHRF
+
+    return float(CHRF()._compute_score_from_stats(np.asarray(stats, np.float64).sum(0).tolist()).score)
+
+
 def _few_shot(um: Unimodal, name: str, samples: list[dict], pool: list[dict], ks: Sequence[int],
               batch_size: int, seed: int) -> dict[str, dict]:
     """The task's headline metric on ``samples`` with k = each of ``ks`` demonstrations: item
     j's demonstrations are the first k of one fixed draw from ``pool`` (so 1 shot's is 3 shots'
-    first), with n and intervals."""
+    first), with n and intervals, the ``items`` answered (indices into ``samples``) and their
+    ``per_item`` scores in that order (0/1 exact matches; ``chrf_statistics`` too for chrF)."""
     draws = [np.random.default_rng([seed, j]).choice(len(pool), size=min(max(ks), len(pool)), replace=False)
              for j in range(len(samples))]
+    metric = get_task(name).metric
+    index = {id(s): j for j, s in enumerate(samples)}
     out = {}
     for k in ks:
         demos = (lambda j, k=k: [pool[i] for i in draws[j][:k]]) if k else None
-        preds, refs, _ = generate_answers(um, name, samples, batch_size, Counter(), demos=demos)
-        out[str(k)] = scored(answer_scores(name.split(".")[0], preds, refs, bleu=False))
+        preds, refs, kept = generate_answers(um, name, samples, batch_size, Counter(), demos=demos)
+        order = sorted(range(len(kept)), key=lambda i: index[id(kept[i])])  # back to the items' order
+        preds, refs = [preds[i] for i in order], [refs[i] for i in order]
+        per_item: dict[str, list] = {"accuracy" if metric == "accuracy" else "exact_match":
+                                     [int(normalize(p) == normalize(r)) for p, r in zip(preds, refs)]}
+        if metric == "chrf":
+            per_item["chrf_stats"] = chrf_statistics(preds, refs)
+        out[str(k)] = {**scored(answer_scores(metric, preds, refs, bleu=False)),
+                       "items": [index[id(kept[i])] for i in order], "per_item": per_item}
+    return out
+
+
+def _control_shots(um: Unimodal, name: str, manifest: dict | None, episodes: int, seed: int,
+                   pool: list[dict], ks: Sequence[int], plain: dict) -> dict[str, dict]:
+    """Closed-loop metrics of control task ``name`` with k = each of ``ks`` demonstrations
+    before every episode: episode j's are the first k of one fixed draw (seeded by ``seed``
+    and j) from ``pool``, the expert train episodes (so 1 shot's is 3 shots' first), each as
+    its last timesteps (``Control.demo_spans``). The same environment seeds for every k, so
+    episode j is paired across k (``items``, ``per_item``); k = 0 is ``plain``, the roll-out
+    without demonstrations. ``demonstrations``: the fewest any episode got (fewer than k
+    when k do not fit the context, or the pool is smaller); a k whose demonstrations
+    cannot be read is ``{"skipped": why}``."""
+    draws = [np.random.default_rng([seed, j]).choice(len(pool), size=min(max(ks), len(pool)), replace=False)
+             for j in range(episodes)]
+    out = {}
+    for k in ks:
+        if k == 0:
+            cell = {key: v for key, v in plain.items() if key != "shots"}
+        else:
+            try:
+                cell = evaluate_control(um, name, manifest, episodes, seed,
+                                        demos=[[pool[i] for i in d[:k]] for d in draws])
+            except InputError as e:
+                out[str(k)] = {"skipped": str(e)}
+                continue
+        out[str(k)] = {"demonstrations": 0, **cell, "items": list(range(episodes))}
     return out
 
 
@@ -650,8 +757,8 @@ def _pick(xs: Sequence, idx: Sequence[int]) -> list:
 
 def _code_task(um: Unimodal, name: str, samples: list[dict], shards: str, batch_size: int,
                skipped: Counter, bar) -> dict[str, Any]:
-    """code.complete: next-line exact match, and bits per byte against the unigram baseline
-    (per mode too)."""
+    """A task scored by bits per byte (code.complete): next-line exact match of the samples
+    of mode 'next_lines', and bits per byte against the unigram baseline (per mode too)."""
     nxt = [s for s in samples if _meta(s).get("mode") == "next_lines"]
     hits: list[int] = []
     if nxt:
@@ -659,8 +766,8 @@ def _code_task(um: Unimodal, name: str, samples: list[dict], shards: str, batch_
         hits = [int(first_line(p) == first_line(r)) for p, r in zip(preds, refs)]
     if bar is not None:
         bar.update(len(samples) - len(nxt))
-    bits, n_tok, n_bytes, local, kept = code_bits(um, samples, skipped)
-    counts = train_unigram(um, shards) if n_bytes.sum() else None
+    bits, n_tok, n_bytes, local, kept = code_bits(um, samples, skipped, task_name=name)
+    counts = train_unigram(um, shards, task_name=name) if n_bytes.sum() else None
     base = None if counts is None else np.array([unigram_bits(counts, [x]) for x in local])
 
     def metrics_of(idx):
@@ -685,16 +792,16 @@ def _sample_task(um: Unimodal, name: str, samples: list[dict], shards: str, batc
     """Metrics of one non-control task on its samples, each with its ``n`` and ``ci95``, a
     ``breakdown`` by the samples' metadata and the ``per_item`` 0/1 scores (a few (sample,
     prediction, reference) go into ``examples`` when given)."""
-    family = name.split(".")[0]
-    if family == "code":
+    family, metric = name.split(".")[0], get_task(name).metric
+    if metric == "bits_per_byte":
         return _code_task(um, name, samples, shards, batch_size, skipped, bar)
     preds, refs, kept = generate_answers(um, name, samples, batch_size, skipped, bar=bar)
     if examples is not None:
         examples[name] = [(s, p, r) for s, p, r in zip(kept[:4], preds[:4], refs[:4])]
     hits = [int(normalize(p) == normalize(r)) for p, r in zip(preds, refs)]
-    whole, key = answer_scores(family, preds, refs), "exact_match" if family == "text" else "accuracy"
+    whole, key = answer_scores(metric, preds, refs), "accuracy" if metric == "accuracy" else "exact_match"
     # groups without BLEU: its 4-grams say little of one number's words
-    metrics_of = lambda idx: answer_scores(family, _pick(preds, idx), _pick(refs, idx), bleu=False)  # noqa: E731
+    metrics_of = lambda idx: answer_scores(metric, _pick(preds, idx), _pick(refs, idx), bleu=False)  # noqa: E731
     return {**scored(whole), "samples": len(refs), **_breakdown([_meta(s) for s in kept], family, metrics_of),
             "per_item": {key: hits}}
 

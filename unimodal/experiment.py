@@ -26,11 +26,19 @@ Transfer (Gato, section 5): each ``--transfer`` task h is held out of pretrainin
 fine-tuned alone for each K of ``--transfer-steps`` from scratch, from G, and from
 ``G-no-<family>`` (C steps on every task outside h's family), at the first size.
 
+Few-shot prompting (``--shots``, default 0 1 3): every arm is also scored behind k
+demonstrations of each task from the train split (``unimodal.evaluate``'s ``shots``:
+the same items and environment seeds for every k), and the report has a table of G's score
+per task at each k with the verdict "3 shots >= 0 shots": a paired bootstrap of the gain
+over the same items or episodes within each seed (``shot_gain``).
+
 Resumable: every arm is its own run folder, ``DIR/runs/<arm>``. ``trained.json`` there marks
 its training done, ``arm.json`` the arm done (scores in it); running the same command again
 skips finished arms and resumes an interrupted one from its last.ckpt (exact resume,
-training.py). ``--arms`` runs a subset (fnmatch patterns over arm names, ``--plan`` lists
-them); ``unimodal experiment report DIR`` assembles the report from the folders. Writes
+training.py); a finished arm whose evaluation lacks a k of ``--shots`` is evaluated again,
+not retrained (``shots`` is not part of the config hash, so an older folder still fits).
+``--arms`` runs a subset (fnmatch patterns over arm names, ``--plan`` lists them);
+``unimodal experiment report DIR`` assembles the report from the folders. Writes
 ``DIR/report.md``, ``report.json``, ``ratio.png``, ``scaling.png``, ``transfer.png`` and
 ``curves.png``; with ``--logger true`` each arm is a W&B run of one group, and the report a
 run of it with the table and the images.
@@ -107,9 +115,16 @@ class Protocol:
     max_samples: int = 100
     train: dict = field(default_factory=dict)
     """The base training config (TrainConfig as a dict, per-arm fields left out)."""
+    shots: list[int] = field(default_factory=lambda: [0, 1, 3])
+    """Demonstrations every arm is also scored behind (the first max_samples items, the same
+    episodes); the report compares G at the largest k with 0."""
 
     def hash(self) -> str:
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
+        """The hash of what the arms are: every setting but ``shots`` (how they are also
+        scored), so a folder evaluated without shots is evaluated again, not retrained."""
+        d = asdict(self)
+        d.pop("shots")
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
 
 
 # fields every arm sets itself: not part of what the experiment is
@@ -276,6 +291,32 @@ def _stopped_early(last: Path, patience: int) -> bool:
     return bool(patience) and any(s.get("wait_count", 0) >= patience for s in states)
 
 
+def missing_shots(record: dict, arm: Arm, proto: Protocol) -> list[int]:
+    """The k > 0 of ``proto.shots`` that a finished arm's evaluation lacks (none for an arm
+    that scores nothing or failed)."""
+    if not arm.eval_tasks or record.get("failed"):
+        return []
+    have = set(record.get("shot_ks") or [])
+    return [k for k in sorted(set(proto.shots)) if k > 0 and k not in have]
+
+
+# the per-item values a paired comparison across k resamples, by headline metric
+PAIRED = {"accuracy": "accuracy", "chrf": "chrf_stats", "normalized_return": "normalized_return"}
+
+
+def shot_cell(task: str, cell: dict) -> dict:
+    """What arm.json keeps of one k's evaluation (``evaluate``'s ``shots[k]``): the score,
+    its n and 95% interval over items, and the items with their per-item values of the
+    headline metric (``PAIRED``), for the report's paired comparison."""
+    metric = PRIMARY[family(task)][0]
+    key = PAIRED.get(metric)
+    values = ((cell.get("per_item") or {}).get(key)) if key else None
+    return {"score": score(task, cell), "n": (cell.get("n") or {}).get(metric),
+            "ci95": (cell.get("ci95") or {}).get(metric),
+            **({"items": cell["items"], "per_item": values} if values is not None and "items" in cell else {}),
+            **({"skipped": cell["skipped"]} if "skipped" in cell else {})}
+
+
 def run_arm(arm: Arm, base, proto: Protocol, out: Path, logger: bool, commit: str) -> dict | int | None:
     """Train (or resume) and evaluate one arm; its record (arm.json), None when its initial
     checkpoint is not trained yet, or an exit status when a signal stopped the training."""
@@ -287,14 +328,22 @@ def run_arm(arm: Arm, base, proto: Protocol, out: Path, logger: bool, commit: st
 
     run_dir = out / "runs" / arm.name
     done, trained = run_dir / "arm.json", run_dir / "trained.json"
+    record = None
     if done.exists():
-        print(f"== {arm.name}: done, skipped", flush=True)
-        return json.loads(done.read_text())
-    if arm.init and not (out / "runs" / arm.init / "trained.json").exists():
+        record = json.loads(done.read_text())
+        lacking = missing_shots(record, arm, proto)
+        if not lacking:
+            print(f"== {arm.name}: done, skipped", flush=True)
+            return record
+        print(f"== {arm.name}: trained; scored without {', '.join(map(str, lacking))} shots, "
+              f"evaluated again", flush=True)
+    elif arm.init and not (out / "runs" / arm.init / "trained.json").exists():
         print(f"== {arm.name}: waits for {arm.init} (not trained yet); skipped", flush=True)
         return None
     last = run_dir / "checkpoints" / "last.ckpt"
-    if trained.exists():
+    if record is not None:
+        pass  # trained and evaluated before: only the evaluation runs again
+    elif trained.exists():
         record = json.loads(trained.read_text())
     else:
         cfg = arm_config(arm, base, proto, out, logger)
@@ -335,9 +384,13 @@ def run_arm(arm: Arm, base, proto: Protocol, out: Path, logger: bool, commit: st
         um = Unimodal.from_checkpoint(ckpt, device="cuda" if torch.cuda.is_available() else "cpu")
         record["parameters"] = sum(p.numel() for p in um.model.parameters())
         results = evaluate(um, base.data.shards, split="test", tasks=arm.eval_tasks, episodes=proto.episodes,
-                           max_samples_per_task=proto.max_samples)
+                           max_samples_per_task=proto.max_samples, shots=proto.shots,
+                           shot_samples=proto.max_samples)
         write_json(results, run_dir / "eval.json")
         metrics = results["tasks"]
+        record["shot_ks"] = sorted(set(proto.shots))
+        record["shots"] = {t: {k: shot_cell(t, c) for k, c in metrics[t]["shots"].items()}
+                           for t in arm.eval_tasks if (metrics.get(t) or {}).get("shots")}
     elif not record.get("failed"):  # a pretraining arm: nothing to score
         state = torch.load(last, map_location="cpu", weights_only=True, mmap=True)["state_dict"]
         record["parameters"] = sum(v.numel() for v in state.values())
@@ -391,6 +444,79 @@ def compare(g: list[float], s: list[float]) -> dict:
     return {"ratio": mg / ms, "ci95": [lo, hi], "verdict": verdict(lo, hi, min(len(g), len(s)))}
 
 
+def shot_verdict(lo: float | None, hi: float | None) -> str:
+    """'better' when the gain's interval is above 0, 'worse' when below, 'no difference'
+    when it holds 0, 'undecided' when there is none."""
+    if lo is None or hi is None or not (math.isfinite(lo) and math.isfinite(hi)):
+        return "undecided"
+    return "better" if lo > 0 else "worse" if hi < 0 else "no difference"
+
+
+def _paired_stat(task: str):
+    """The score of a task's per-item values (arm.json's ``shot_cell``): corpus chrF of summed
+    statistics for chrF, else the mean."""
+    if PAIRED.get(PRIMARY[family(task)][0]) == "chrf_stats":
+        from unimodal.evaluate import chrf_of_statistics
+        return chrf_of_statistics
+    import numpy as np
+    return lambda v: float(np.mean(v))
+
+
+def shot_gain(task: str, base: list[dict | None], shot: list[dict | None], n_boot: int = 1000) -> dict:
+    """score(k shots) - score(0 shots) of one task, the mean over the seeds where both exist
+    (``base``/``shot``: arm.json's ``shot_cell`` per seed, None where missing).
+
+    Paired where the cells keep their items: each seed's items common to both k (the same
+    samples, the same environment seeds) are resampled together, one bootstrap draw serving
+    both scores, 95% percentile interval of the mean gain. Otherwise the seeds' score
+    differences are resampled (no interval for one seed). ``verdict``: ``shot_verdict``."""
+    import numpy as np
+
+    pairs = [(b, k) for b, k in zip(base, shot) if b and k and b.get("score") is not None
+             and k.get("score") is not None]
+    if not pairs:
+        return {"gain": None, "ci95": None, "paired": None, "seeds": 0, "verdict": "undecided"}
+    stat = _paired_stat(task)
+    if all("items" in b and "items" in k for b, k in pairs):
+        parts = []  # per seed: values at 0 shots and at k, over the items both scored
+        for b, k in pairs:
+            common = sorted(set(b["items"]) & set(k["items"]))
+            at = lambda c: np.asarray([c["per_item"][c["items"].index(i)] for i in common], np.float64)  # noqa: E731
+            parts.append((at(b), at(k)))
+        parts = [(x, y) for x, y in parts if len(x)]
+        if not parts:
+            return {"gain": None, "ci95": None, "paired": "items", "seeds": 0, "verdict": "undecided"}
+        gain = float(np.mean([stat(y) - stat(x) for x, y in parts]))
+        rng = np.random.default_rng(0)
+        draws = np.zeros(n_boot)
+        for x, y in parts:
+            idx = rng.integers(0, len(x), size=(n_boot, len(x)))
+            draws += np.array([stat(y[i]) - stat(x[i]) for i in idx])
+        draws = draws[np.isfinite(draws)] / len(parts)
+        lo, hi = (float(v) for v in np.quantile(draws, [0.025, 0.975])) if len(draws) else (math.nan, math.nan)
+        items = sum(len(x) for x, _ in parts)
+        return {"gain": gain, "ci95": [lo, hi], "paired": "items", "seeds": len(parts), "items": items,
+                "verdict": shot_verdict(lo, hi)}
+    from unimodal.stats import bootstrap
+    diffs = [k["score"] - b["score"] for b, k in pairs]
+    lo, hi = bootstrap(diffs) if len(diffs) > 1 else (math.nan, math.nan)
+    return {"gain": float(np.mean(diffs)), "ci95": [lo, hi], "paired": "seeds", "seeds": len(diffs),
+            "verdict": shot_verdict(lo, hi)}
+
+
+def shot_summary(cells: list[dict | None]) -> dict:
+    """One k's score over seeds (arm.json's ``shot_cell`` per seed): ``summarise``'s mean and
+    interval over seeds; with a single seed, that evaluation's own interval over items."""
+    out = summarise([c.get("score") if c else None for c in cells])
+    scored_ = [c for c in cells if c and c.get("score") is not None]
+    if len(scored_) == 1:
+        out["ci95"], out["over"] = scored_[0].get("ci95") or out["ci95"], "items"
+    else:
+        out["over"] = "seeds"
+    out["n"] = [c.get("n") if c else None for c in cells]
+    return out
+
+
 def protocol_text(proto: Protocol, shares: dict) -> str:
     t = proto.train
     data, optim = t.get("data", {}), t.get("optim", {})
@@ -411,6 +537,14 @@ def protocol_text(proto: Protocol, shares: dict) -> str:
         f"the higher mean score, with a 95% percentile-bootstrap interval that resamples the seeds of both arms "
         f"independently; the verdict is 'at or above' when the interval's lower end is >= {THRESHOLD}, 'below' "
         f"when its upper end is < {THRESHOLD}, 'undecided' when it straddles {THRESHOLD} or rests on one seed.")
+    ks = sorted(set(proto.shots))
+    if ks and ks[-1] > 0 and 0 in ks:
+        text += (f" Every arm is also scored behind k = {', '.join(map(str, ks))} demonstrations of the task drawn "
+                 f"from the train split (per item a fixed draw, the smaller k's the larger's first; for control the "
+                 f"last timesteps of expert episodes before every episode), on the same items and environment "
+                 f"seeds for every k; per task the gain of {ks[-1]} shots over none is paired over those items "
+                 f"within each seed (a percentile bootstrap of the mean gain over seeds), and '{ks[-1]} shots >= 0 "
+                 f"shots' holds unless the interval is below 0 ('better' when it is above).")
     if proto.transfer:
         text += (f" Transfer (Gato, section 5): {', '.join(proto.transfer)}, held out of every pretraining, "
                  f"fine-tuned alone for K in {', '.join(map(str, proto.transfer_steps))} steps from scratch, from G, "
@@ -468,7 +602,8 @@ def build_report(out: Path) -> dict:
         verdicts = [r["verdict"] for r in rows]
         answer = ("no" if "below" in verdicts else
                   "yes" if all(v == "at or above" for v in verdicts) else "undecided")
-        sizes.append({"size": size, "parameters": params, "tasks": rows, "answer": answer})
+        sizes.append({"size": size, "parameters": params, "tasks": rows, "answer": answer,
+                      "shots": shots_table(proto, records, size)})
 
     transfer = []
     for h in proto.transfer:
@@ -490,6 +625,26 @@ def build_report(out: Path) -> dict:
             "arms": {"planned": len(arms), "done": len(records), "missing": missing},
             "settings": {k: v for k, v in asdict(proto).items() if k != "train"},
             "shares": shares["seeds"], "sizes": sizes, "transfer": transfer}
+
+
+def shots_table(proto: Protocol, records: dict, size: str) -> dict | None:
+    """G's score per task at each k of ``proto.shots`` (means over seeds with intervals) and
+    the gain of the largest k over 0 with its verdict; None without a k > 0."""
+    ks = sorted(set(proto.shots))
+    if not ks or ks[-1] == 0 or 0 not in ks:
+        return None
+    top = ks[-1]
+    rows = []
+    gs = [records.get(f"{size}_G_s{s}") for s in proto.seeds]
+    for m in proto.tasks:
+        cells = [((g or {}).get("shots") or {}).get(m) or {} for g in gs]
+        gain = shot_gain(m, [c.get("0") for c in cells], [c.get(str(top)) for c in cells])
+        why = (None if any(cells) else "G not evaluated yet" if not any(gs)
+               else f"{family(m)} has no demonstrations" if family(m) == "code" else "not evaluated with shots")
+        rows.append({"task": m, "metric": PRIMARY[family(m)][1],
+                     "k": {str(k): shot_summary([c.get(str(k)) for c in cells]) for k in ks},
+                     "gain": gain, "verdict": gain["verdict"], "why": why})
+    return {"ks": ks, "compared": [0, top], "tasks": rows}
 
 
 def _f(v, digits: int = 3) -> str:
@@ -528,6 +683,7 @@ def render_markdown(report: dict) -> str:
             lines.append(f"| {r['task']} | {r['metric']} | {_ci(r['G'])} | {_ci(sd)} ({steps}) | "
                          f"{_ci(sc)} ({trained}, {best}) | {ratio} | {r['verdict']} |")
         lines += ["", f"G / best specialist >= {THRESHOLD} on every task: **{s['answer']}**", ""]
+        lines += _shots_markdown(s.get("shots"))
     if report["transfer"]:
         lines += ["## Transfer", ""]
         for t in report["transfer"]:
@@ -541,6 +697,33 @@ def render_markdown(report: dict) -> str:
         lines += [f"Missing arms ({len(a['missing'])}): {', '.join(a['missing'][:20])}"
                   f"{' ...' if len(a['missing']) > 20 else ''}", ""]
     return "\n".join(lines)
+
+
+SHOT_ANSWER = {"better": "yes: better", "no difference": "yes: no difference", "worse": "no: worse",
+               "undecided": "undecided"}
+
+
+def _shots_markdown(table: dict | None) -> list[str]:
+    """The few-shot table of one size: G per task at each k, the gain and the verdict."""
+    if not table:
+        return []
+    ks, top = table["ks"], table["compared"][1]
+    label = lambda k: f"{k} shot{'' if k == 1 else 's'}"  # noqa: E731
+    lines = ["### Few-shot prompting (G)", "",
+             f"G's score behind k demonstrations of the task from the train split (for control, the last "
+             f"timesteps of expert episodes), on the same items and episodes for every k: means over seeds "
+             f"[95% interval over seeds, or over items with one seed]. The gain of {label(top)} over none is "
+             f"paired (the same items or episodes resampled together within each seed).", "",
+             "| task | metric | " + " | ".join(label(k) for k in ks)
+             + f" | {top} - 0 [95%] | {label(top)} >= 0 shots |",
+             "| --- | --- |" + " --- |" * len(ks) + " --- | --- |"]
+    for r in table["tasks"]:
+        g = r["gain"]
+        gain = (f"{_f(g['gain'])} [{_f(g['ci95'][0])}, {_f(g['ci95'][1])}]" if g["gain"] is not None and g["ci95"]
+                else "n/a" + (f" ({r['why']})" if r.get("why") else ""))
+        lines.append(f"| {r['task']} | {r['metric']} | " + " | ".join(_ci(r["k"][str(k)]) for k in ks)
+                     + f" | {gain} | {SHOT_ANSWER[r['verdict']]} |")
+    return lines + [""]
 
 
 def _save(fig, path: Path) -> None:
@@ -718,6 +901,8 @@ def parse(argv: list[str]):
     e.add_argument("--transfer-steps", nargs="+", type=int, help="K, fine-tuning steps (default 0 50 100)")
     e.add_argument("--episodes", type=int, help="control episodes per evaluation (default 10)")
     e.add_argument("--max-samples", type=int, help="test samples per task (default 100)")
+    e.add_argument("--shots", nargs="+", type=int, help="demonstrations every arm is also scored behind "
+                                                         "(default 0 1 3; 0 alone: none)")
     e.add_argument("--threads", type=int, help="torch threads (default: the preset's, else torch's); 1 keeps "
                                                "a shared CPU from slowing the arms many times over")
     e.add_argument("--arms", nargs="+", help="run only the arms whose names match these patterns (fnmatch)")
@@ -748,7 +933,8 @@ def protocol_from_args(args, base, manifest) -> Protocol:
 
     preset = (_preset(args.preset).get("experiment") or {}) if args.preset else {}
     given = {k: getattr(args, k) for k in ("tasks", "seeds", "sizes", "steps", "validations", "patience",
-                                           "share_batches", "transfer", "transfer_steps", "episodes", "max_samples")
+                                           "share_batches", "transfer", "transfer_steps", "episodes", "max_samples",
+                                           "shots")
              if getattr(args, k) is not None}
     settings = {**preset, **given}
     transfer = settings.get("transfer") or []
@@ -769,6 +955,9 @@ def protocol_from_args(args, base, manifest) -> Protocol:
         raise ConfigError("the experiment needs tasks, seeds, sizes and --steps >= 1")
     if any(k < 0 for k in proto.transfer_steps):
         raise ConfigError("--transfer-steps must be >= 0")
+    if not proto.shots or any(not isinstance(k, int) or k < 0 for k in proto.shots):
+        raise ConfigError(f"--shots must be numbers of demonstrations >= 0, got {proto.shots}")
+    proto.shots = sorted(set(proto.shots) | {0})  # 0 is what the others are compared with
     for s in proto.sizes:
         size_overrides(s)
     val = (manifest or {}).get("splits", {}).get("val", {}).get("samples")
@@ -823,9 +1012,12 @@ def main(argv: list[str]) -> int:
         old = json.loads(exp_path.read_text())
         if old["config_hash"] != config_hash:
             mine = asdict(proto)
-            diff = [k for k in mine if mine[k] != old["protocol"].get(k)]
+            diff = [k for k in mine if mine[k] != old["protocol"].get(k) and k != "shots"]
             raise ConfigError(f"{out} holds another experiment (config hash {old['config_hash']}, this command's "
                               f"{config_hash}; they differ in {', '.join(diff)}): use another --out")
+        if old["protocol"].get("shots") != proto.shots:  # scored with other shots: the report says these
+            old["protocol"]["shots"] = proto.shots
+            atomic_write_text(exp_path, json.dumps(old, indent=2))
     else:
         atomic_write_text(exp_path, json.dumps({"config_hash": config_hash, "protocol": asdict(proto),
                                                 "command": "unimodal experiment " + " ".join(argv)}, indent=2))

@@ -21,13 +21,13 @@ from typing import TYPE_CHECKING, Sequence
 import numpy as np
 import torch
 
-from unimodal.checkpoint import clean_state_dict, load_checkpoint
+from unimodal.checkpoint import clean_state_dict, decoder_of, load_checkpoint, model_config_of, tokenizers_of
 from unimodal.data_pipelines.packing import sample_length
-from unimodal.data_pipelines.tasks import BadSample, Control, with_demos
+from unimodal.data_pipelines.tasks import BadSample, Control, register_declared, with_demos
 from unimodal.decoding import Engine
-from unimodal.errors import CheckpointError, InputError
+from unimodal.errors import InputError
 from unimodal.inputs import resolve_device, resolve_task
-from unimodal.model import Decoder, ModelConfig
+from unimodal.model import Decoder
 from unimodal.tokenizers.base import Span
 from unimodal.tokenizers.vocab import Tokenizers, special
 
@@ -57,32 +57,22 @@ class Unimodal(Engine):
 
     @classmethod
     def from_checkpoint(cls, path: str | os.PathLike, device: str | torch.device = "cpu") -> "Unimodal":
-        """Rebuild model and tokenizers from a Lightning checkpoint written by our Trainer.
+        """Rebuild model and tokenizers from a Lightning checkpoint written by our Trainer (a
+        folder ``unimodal export`` wrote loads too, as ``from_pretrained``).
 
         Raises CheckpointError (one sentence) for a missing, corrupt, truncated or foreign file.
         """
+        from unimodal.export import is_exported
+
+        if is_exported(path):
+            return cls.from_pretrained(path, device)
         dev = resolve_device(device)
         ckpt = load_checkpoint(path)
         hp = ckpt["hyper_parameters"]
-        try:
-            cfg = ModelConfig(**hp["model"])
-        except (TypeError, ValueError) as e:
-            raise CheckpointError(f"{path} has model settings this version cannot build: {e}") from None
-        try:
-            toks = Tokenizers.from_state(ckpt["tokenizers"])
-        except Exception as e:  # a bad sentencepiece proto, a missing key, a spec mismatch
-            raise CheckpointError(f"{path} holds tokenizers that cannot be rebuilt: {e}") from None
-        with torch.device("meta"):  # no init work: every tensor comes from the checkpoint
-            model = Decoder(cfg)
-        state = clean_state_dict(ckpt["state_dict"])
-        try:
-            model.load_state_dict(state, strict=True, assign=True)
-        except RuntimeError as e:
-            first = str(e).strip().splitlines()
-            raise CheckpointError(f"{path} does not match its own model settings: "
-                                  f"{' '.join(first[1:2] or first)[:200]}") from None
-        if cfg.tie_embeddings:  # assign=True loaded two separate tensors; tie them again
-            model.head.weight = model.wte.weight
+        register_declared(hp.get("task_decls") or (), source=str(path))  # its --tasks_file tasks
+        cfg = model_config_of(hp["model"], path)
+        toks = tokenizers_of(ckpt["tokenizers"], path)
+        model = decoder_of(cfg, clean_state_dict(ckpt["state_dict"]), path)
         model = model.to(dev)
         config = hp.get("config") or {}
         seq_len = (config.get("data") or {}).get("seq_len") if isinstance(config, dict) else None

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from unimodal.data_pipelines.tasks import Task, get_task
+from unimodal.data_pipelines.tasks import Control, Task, get_task
 from unimodal.errors import InputError
 
 def _read_bytes(source: str | os.PathLike | bytes, what: str) -> tuple[bytes, str]:
@@ -72,16 +72,7 @@ def load_audio(source: str | os.PathLike | bytes) -> tuple[str, bytes]:
     return member, data
 
 
-# which prompt inputs each task family reads (the free-form prompt reads text plus any)
-_NEEDS = {"image": ("image",), "audio": ("audio",), "text": ("text",), "code": ("code",),
-          "control": ("obs",)}
 _FLAGS = {"image": "--image", "audio": "--audio", "text": "--text", "code": "--code", "obs": "--obs"}
-
-
-def _family(name: str) -> str:
-    head = name.split(".")[0]
-    return "control" if head == "control" else {"image": "image", "audio": "audio",
-                                                 "text": "text", "code": "code"}[head]
 
 
 def resolve_task(name: str) -> Task:
@@ -120,7 +111,10 @@ def prompt_sample(task: str | None, image=None, audio=None, code: str | None = N
         needs, allowed = ("text",), {"text", "image", "audio", "code"}
     else:
         t = resolve_task(task)
-        needs = _NEEDS[_family(t.name)]
+        needs = ("obs",) if isinstance(t, Control) else t.modalities
+        if len(set(needs)) < len(needs):
+            raise InputError(f"task {task} reads {', '.join(needs)}; a prompt gives one input of "
+                             f"each modality (build the sample yourself for more)")
         allowed = set(needs)
     for k in needs:
         if k not in given:
@@ -130,24 +124,28 @@ def prompt_sample(task: str | None, image=None, audio=None, code: str | None = N
         raise InputError(f"{', '.join(_FLAGS[k] for k in extra)} does not fit task {task} "
                          f"(it reads only {', '.join(_FLAGS[k] for k in needs)})")
 
+    # where the task reads each modality: its members (image, audio) or its json field
+    where = {m: (w,) if isinstance(w, str) and m in ("image", "audio") else w
+             for m, w in (t.reads if task is not None and not isinstance(t, Control) else ())}
     meta: dict[str, Any] = {"task": task}
     sample: dict[str, Any] = {"json": meta}
     if image is not None:
-        sample["png"] = load_image(image)
+        sample[where.get("image", ("png",))[0]] = load_image(image)
     if audio is not None:
         member, data = load_audio(audio)
-        sample[member] = data
+        members = where.get("audio", (member,))
+        sample[member if member in members else members[0]] = data
     if code is not None:
         src = code
         if "\n" not in code and len(code) < 4096 and Path(code).is_file():
             src = Path(code).read_text(encoding="utf-8")
         if not src:
             raise InputError("--code is empty")
-        meta["prompt"] = src
+        meta[where.get("code", "prompt")] = src
     if text is not None:
         if not text.strip():
             raise InputError("--text is empty")
-        meta["src" if task is not None else "instruction"] = text
+        meta[where.get("text", "src") if task is not None else "instruction"] = text
     if obs is not None:
         try:
             o = np.asarray(obs, dtype=np.float32)

@@ -121,11 +121,13 @@ class UnimodalModule(L.LightningModule):
         config: the resolved run config (plain dict), saved with the checkpoint.
         nonfinite_stop: stop after this many optimiser steps in a row with a non-finite loss
             or gradient (each one is skipped); 0 never stops.
+        task_decls: the declarations of ``--tasks_file`` (``tasks.load_task_file``), saved
+            with the checkpoint so prompting and evaluation know those tasks without the file.
     """
 
     def __init__(self, model: dict, optim: dict, tasks: list[str], tokenizers: dict | None = None,
                  max_steps: int = 1000, compile: bool = False, activation_checkpointing: bool = False,
-                 config: dict | None = None, nonfinite_stop: int = 10):
+                 config: dict | None = None, nonfinite_stop: int = 10, task_decls: list[dict] | None = None):
         super().__init__()
         self.save_hyperparameters(ignore=["tokenizers"])
         self.model_cfg = ModelConfig(**model)

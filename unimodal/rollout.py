@@ -4,7 +4,10 @@
   become actions (discrete: one action id; continuous: one value bin per number, decoded
   as the expected bin value when greedy).
 - ``ControlRunner``: acts in n episodes together, appending each new timestep to the KV
-  cache instead of re-reading the window, re-prefilling only when the cache is full.
+  cache instead of re-reading the window, re-prefilling only when the cache is full. With
+  demonstrations (Gato's prompt conditioning, ``Control.demo_spans``) they sit at the front
+  of every episode's context, as training lays them out, and stay cached there: only the
+  live episode's window slides.
 
 Axis legend: n episodes, K timesteps of context, bins value bins of one number.
 """
@@ -15,8 +18,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from unimodal.data_pipelines.packing import flatten
-from unimodal.data_pipelines.tasks import Control
+from unimodal.data_pipelines.packing import PAD, flatten
+from unimodal.data_pipelines.tasks import BadSample, Control, with_demos
 from unimodal.decoding import finite_logits, head_at
 from unimodal.errors import InputError
 from unimodal.generate import Unimodal
@@ -113,6 +116,17 @@ class ControlRunner:
     A smaller ``refill`` re-prefills less often but keeps less history: a re-prefill of
     ``refill * context`` positions comes every ``(1 - refill) * context`` appended ones.
 
+    ``demos``: demonstration episodes (shard-format samples with ``obs.npy``/``act.npy``),
+    either one list for every episode or one list per episode (n lists of the same length
+    k). Each episode's context then starts ``<bos>``, then per demonstration its instruction,
+    its last timesteps within ``Control.demo_budget(context, k)`` positions and ``<eos>``,
+    then the instruction: exactly the prefix training puts before a control window
+    (``Control``'s docstring), and as there the last ones are left out when k do not fit
+    (``shots``: how many each row got). The prefix is cached once and kept by every re-prefill (which
+    keeps ``refill * context`` positions of the live episode besides it). Rows whose
+    prefixes differ in length are padded after their own prefix, the padding being its own
+    sample (id -1) that nothing attends to, and each row's positions follow its own prefix.
+
         runner = ControlRunner(um, "control.cartpole-v1", n=20)
         actions = runner(obs)        # obs float [n, obs_dim] -> list of n actions
         runner.select([0, 2, 5])     # keep only these episodes (the others ended)
@@ -120,18 +134,46 @@ class ControlRunner:
 
     def __init__(self, um: Unimodal, task_name: str, n: int, context: int | None = None,
                  refill: float = 0.25, temperature: float = 0.0, top_k: int | None = None,
-                 seed: int | None = None):
+                 seed: int | None = None, demos: Sequence = ()):
         self.um, self.n = um, n
         self.spec = um.control_spec(task_name)
         self.context = int(context or um.seq_len)
         self.refill = refill
         self.temperature, self.top_k = temperature, top_k
         self.gen = torch.Generator(device=um.device).manual_seed(seed) if seed is not None else None
-        f = flatten(self.spec.task.prefix_spans(um.toks))
-        self.prefix_ids, self.prefix_mod = f["ids"], f["modality"]
+        self._prefixes(task_name, demos)
         self.allowed = um.allowed_ids(self.spec.range, eos=False)
         self.cache = um.model.new_cache(n, max_len=self.context)
         self.reset()
+
+    def _prefixes(self, task_name: str, demos: Sequence) -> None:
+        """Each row's prefix (``<bos>``, demonstrations, instruction), right-padded to one
+        width: ``prefix_ids``/``prefix_mod`` int64 [n, P], ``prefix_len`` int64 [n]."""
+        task, toks = self.spec.task, self.um.toks
+        rows = [list(demos)] * self.n if not demos or isinstance(demos[0], dict) else [list(d) for d in demos]
+        if len(rows) != self.n:
+            raise ValueError(f"demos has {len(rows)} lists for {self.n} episodes")
+        plain = task.prefix_spans(toks)
+        self.n_plain = len(flatten(plain)["ids"])  # the prefix without demonstrations
+        flat, self.shots = [], []
+        for row in rows:
+            while True:  # as training does: the first ones that fit, each in its even share
+                budget = task.demo_budget(self.context, len(row))
+                try:
+                    spans = [task.demo_spans(s, toks, budget, self.spec.space) for s in row]
+                    break
+                except BadSample as e:
+                    if e.reason != "too_long":
+                        raise InputError(f"a demonstration of {task_name} cannot be used: {e}") from None
+                    row = row[:-1]
+            flat.append(flatten(with_demos(plain, spans)))
+            self.shots.append(len(row))  # demonstrations each row got
+        P = max(f["n"] for f in flat)
+        self.prefix_ids = np.full((self.n, P), PAD, dtype=np.int64)  # (n, P)
+        self.prefix_mod = np.full((self.n, P), MODALITY_ID["special"], dtype=np.int64)
+        self.prefix_len = np.array([f["n"] for f in flat], dtype=np.int64)  # (n,)
+        for r, f in enumerate(flat):
+            self.prefix_ids[r, :f["n"]], self.prefix_mod[r, :f["n"]] = f["ids"], f["modality"]
 
     def reset(self) -> None:
         """Start new episodes: forget the history and the cache."""
@@ -151,17 +193,17 @@ class ControlRunner:
         c.k, c.v, c.sample_ids = c.k[:, t], c.v[:, t], c.sample_ids[t]  # (n_layer, n', ...)
         self.steps = [(a[idx], b[idx]) for a, b in self.steps]
         self.seq_ids, self.seq_mod = self.seq_ids[idx], self.seq_mod[idx]
+        self.prefix_ids, self.prefix_mod = self.prefix_ids[idx], self.prefix_mod[idx]
+        self.prefix_len = self.prefix_len[idx]
         self.n = len(idx)
 
     def _window(self, budget: int, current: tuple[np.ndarray, np.ndarray]) -> None:
         """Rebuild the window as prefix + the last timesteps within ``budget`` + current."""
-        n_pre, n_cur = len(self.prefix_ids), current[0].shape[1]
+        n_pre, n_cur = self.prefix_ids.shape[1], current[0].shape[1]
         step_len = self.steps[0][0].shape[1] if self.steps else 1
         k = max(0, min(len(self.steps), (budget - n_pre - n_cur - self.spec.act_len) // step_len))
         self.steps = self.steps[len(self.steps) - k:]  # older ones can never come back
-        parts = [(np.broadcast_to(self.prefix_ids, (self.n, n_pre)),
-                  np.broadcast_to(self.prefix_mod, (self.n, n_pre)))]
-        parts += self.steps + [current]
+        parts = [(self.prefix_ids, self.prefix_mod)] + self.steps + [current]
         self.seq_ids = np.concatenate([p[0] for p in parts], 1)
         self.seq_mod = np.concatenate([p[1] for p in parts], 1)
         # the prefix's keys and values depend on nothing after it: keep them, refeed the rest
@@ -178,10 +220,14 @@ class ControlRunner:
         ids = torch.from_numpy(np.ascontiguousarray(self.seq_ids[:, self.fed:])).to(dev)  # (n, t)
         mod = torch.from_numpy(np.ascontiguousarray(self.seq_mod[:, self.fed:])).to(dev)
         T = ids.shape[1]
-        pos = torch.arange(self.fed, self.fed + T, device=dev).expand(self.n, T)
+        P, own = self.prefix_ids.shape[1], self.prefix_len[:, None]  # own: (n, 1) each row's prefix
+        cols = np.arange(self.fed, self.fed + T)[None, :]  # (1, t) window columns
+        # each row's positions follow its own prefix; its padding is sample -1, unseen by sample 0
+        pos = torch.from_numpy(np.where(cols >= P, cols - (P - own), np.minimum(cols, own))).to(dev)  # (n, t)
+        sid = torch.from_numpy(np.where((cols >= own) & (cols < P), -1, 0)).to(dev)  # (n, t)
         with head_at(self.um.model):
             logits = self.um.model(ids=ids, modality=mod, positions=pos,
-                                   sample_ids=torch.zeros_like(ids), kv_cache=self.cache)  # (n, 1, V)
+                                   sample_ids=sid, kv_cache=self.cache)  # (n, 1, V)
         self.fed += T
         return logits[:, -1]
 
@@ -199,7 +245,9 @@ class ControlRunner:
         if not self.seq_ids.size:
             self._window(self.context, (cur_ids, cur_mod))
         elif self.seq_ids.shape[1] + d + 1 + spec.act_len > self.context:
-            self._window(int(self.refill * self.context), (cur_ids, cur_mod))
+            # the demonstrations stay; the live episode keeps what it would keep without them
+            demos = self.prefix_ids.shape[1] - self.n_plain
+            self._window(min(self.context, int(self.refill * self.context) + demos), (cur_ids, cur_mod))
         else:
             self._append(cur_ids, cur_mod)
         act_ids = np.zeros((self.n, spec.act_len), dtype=np.int64)

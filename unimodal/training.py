@@ -11,7 +11,9 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime as dt
+import hashlib
 import os
+import shlex
 import signal
 import sys
 import time
@@ -24,7 +26,7 @@ import torch
 from unimodal.config import (ConfigError, TrainConfig, TrainerConfig, cpu_has_bf16,  # noqa: F401 (re-exported)
                              resolve_precision, to_dict)
 from unimodal.data_pipelines.loader import DataConfig, DataError, resolve_shards
-from unimodal.data_pipelines.tasks import get_task
+from unimodal.data_pipelines.tasks import get_task, register_task_file
 from unimodal.model import ModelConfig
 from unimodal.tokenizers.files import atomic_write_text
 from unimodal.tokenizers.vocab import Tokenizers
@@ -103,14 +105,15 @@ def load_tokenizers(shards: str, manifest: dict | None, overrides: dict | None =
     none) with ``overrides`` (``data.tokenizer_settings``) over them key by key; and the action
     space of every control environment the manifest records. ConfigError (one sentence)
     for an unknown or refused setting."""
-    p = Path(shards)
-    # a built folder holds the models; a brace pattern's shards sit in it or in its split folder
-    candidates = [p] if p.is_dir() else [p.parent, p.parent.parent]
-    root = next((c for c in candidates if (c / "text.model").exists()), candidates[-1])
+    root = tokenizer_root(shards)
     text, code = root / "text.model", root / "code.model"
+    if not text.exists() and not code.exists():
+        raise ConfigError(f"{root} has no text.model/code.model; take them from a checkpoint or shard folder "
+                          f"with --data.tokenizers_from (`python train.py` trains its own when it has none)")
     if not text.exists() or not code.exists():
-        raise ConfigError(f"{root} lacks text.model/code.model; shards built by `unimodal data build` "
-                          f"carry them (train your own with `unimodal tokenizer train`)")
+        have, lack = (text, code) if text.exists() else (code, text)
+        raise ConfigError(f"{root} has {have.name} but no {lack.name}; add it, or remove {have.name} and the "
+                          f"run trains both on the train split (or takes --init_from's)")
     from unimodal.data_pipelines.control import manifest_action_spaces
     from unimodal.tokenizers.vocab import merge_settings
 
@@ -123,19 +126,207 @@ def load_tokenizers(shards: str, manifest: dict | None, overrides: dict | None =
         raise ConfigError(str(e)) from None
 
 
-def choose_tasks(cfg: TrainConfig, manifest: dict | None) -> list[str]:
+def tokenizer_root(shards: str) -> Path:
+    """The folder whose text.model/code.model go with ``shards``: the folder itself, or for a
+    brace pattern the folder its shards sit in or that folder's parent (a split folder's)."""
+    p = Path(shards)
+    candidates = [p] if p.is_dir() else [p.parent, p.parent.parent]
+    return next((c for c in candidates if (c / "text.model").exists() or (c / "code.model").exists()),
+                candidates[-1])
+
+
+TASK_SCAN_SAMPLES = 20_000
+"""Train samples (json members only) read to find the tasks of shards without a manifest."""
+CORPUS_SAMPLES = 200_000
+"""Train samples (json members only) whose text and code train a run's own tokenizers."""
+RUN_TOKENIZERS = "tokenizers"
+"""The run folder's sub-folder of the tokenizers a run trained for shards that have none."""
+
+
+def with_settings(toks: Tokenizers, overrides: dict | None) -> Tokenizers:
+    """``toks`` with ``overrides`` (``data.tokenizer_settings``) over its image, audio, value
+    and action settings key by key; ``toks`` itself without overrides."""
+    if not overrides:
+        return toks
+    from unimodal.tokenizers.vocab import merge_settings
+
+    try:
+        settings = merge_settings(toks.settings(), overrides,
+                                  names=("the tokenizers' settings", "data.tokenizer_settings"))
+        return Tokenizers.build(toks.text.model_proto, toks.code.model_proto, **settings,
+                                action_spaces=toks.action_spaces)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
+def tokenizers_at(path: str, overrides: dict | None = None) -> Tokenizers:
+    """``--data.tokenizers_from``: the Tokenizers of a checkpoint or run folder (its
+    last.ckpt), or of a folder with text.model and code.model (a built shard folder, whose
+    manifest.json gives the other settings, or a run's tokenizers/), with ``overrides`` over
+    them. ConfigError (one sentence) when there are none."""
+    from unimodal.checkpoint import tokenizers_from
+    from unimodal.errors import CheckpointError
+
+    p = Path(path)
+    if p.is_dir() and (p / "text.model").exists() and not (p / "checkpoints").exists() \
+            and not (p / "config.json").exists():  # not a run folder, nor an exported model
+        manifest = None
+        if (p / "manifest.json").exists():
+            import json
+            try:
+                manifest = json.loads((p / "manifest.json").read_text())
+            except (ValueError, UnicodeDecodeError) as e:
+                raise ConfigError(f"--data.tokenizers_from: {p / 'manifest.json'} is not JSON ({e})") from None
+        return load_tokenizers(str(p), manifest, overrides)
+    try:
+        return with_settings(tokenizers_from(p), overrides)
+    except CheckpointError as e:
+        raise ConfigError(f"--data.tokenizers_from: {e}") from None
+
+
+def train_run_tokenizers(run_dir: Path, files: list[str]) -> tuple[Path, dict | None]:
+    """text.model and code.model trained on the train split's text and code fields (as
+    `unimodal data build` trains a recipe's: TEXT_FIELDS of every non-code sample plus every
+    task instruction, CODE_FIELDS of the code samples; the text when there is no code), into
+    ``run_dir/tokenizers``; (that folder, what they were trained on). Rank 0 trains; the other
+    ranks wait for the folder, which appears whole (trained in a temp folder, then renamed).
+    A folder an earlier launch of the run trained is kept: (folder, None)."""
+    import json
+    import shutil
+
+    out = run_dir / RUN_TOKENIZERS
+    done = out / "tokenizers.json"  # written last, renamed into place with the models
+    if done.exists():
+        return out, None
+    if not is_rank_zero():
+        deadline = time.time() + 3600
+        while not done.exists():
+            if time.time() > deadline:
+                raise DataError(f"rank 0 did not finish training the tokenizers into {out} within an hour")
+            time.sleep(2)
+        return out, None
+    from unimodal.data_pipelines.loader import scan_split
+    from unimodal.data_pipelines.shards import CODE_VOCAB, TEXT_VOCAB, _train_tokenizer
+    from unimodal.data_pipelines.tasks import all_instructions
+
+    t = time.perf_counter()
+    scan = scan_split(files, CORPUS_SAMPLES, corpus=True)
+    if not scan.samples:
+        raise DataError(f"none of the {len(files)} train shards holds a sample with a json member naming "
+                        f"its task; see docs/data-format.md")
+    text = scan.text + all_instructions()  # every instruction is text the model reads
+    run_dir.mkdir(parents=True, exist_ok=True)
+    for stale in run_dir.glob(f".{RUN_TOKENIZERS}.tmp-*"):  # of a launch killed while training them
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = run_dir / f".{RUN_TOKENIZERS}.tmp-{os.getpid()}"
+    tmp.mkdir()
+    try:
+        entries = {"text": _train_tokenizer(text, "text", TEXT_VOCAB, tmp / "text.model"),
+                   "code": _train_tokenizer(scan.code or text, "code", CODE_VOCAB, tmp / "code.model")}
+        entries["code"]["corpus"] = "code" if scan.code else "text (the train split has no code)"
+        info = {"samples": scan.samples, "shards": scan.shards, "of_shards": len(files),
+                "text_lines": len(scan.text), "code_lines": len(scan.code),
+                "seconds": round(time.perf_counter() - t, 1)}
+        atomic_write_text(tmp / "tokenizers.json", json.dumps({"trained_on": info, "tokenizers": entries},
+                                                              indent=1) + "\n")
+        os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out, info
+
+
+def resolve_tokenizers(cfg: TrainConfig, manifest: dict | None, files: list[str], run_dir: Path,
+                       resume: str | None) -> tuple[Tokenizers | None, str]:
+    """The run's tokenizers and what to call them in a message, the first of:
+
+    1. ``--data.tokenizers_from`` (``tokenizers_at``);
+    2. the shard folder's text.model/code.model (``load_tokenizers``);
+    3. None when ``--init_from`` starts a run (``resume`` is None): the checkpoint's
+       (``load_init`` takes them);
+    4. ``<run>/tokenizers/``, trained by an earlier launch of this run;
+    5. the checkpoint the run resumes from (``resume``);
+    6. trained on the train split into ``<run>/tokenizers/`` (``train_run_tokenizers``).
+
+    ``--data.tokenizer_settings`` apply over each. One line says where they came from unless
+    they are the shards' own."""
+    overrides = cfg.data.tokenizer_settings
+    say = print if is_rank_zero() else (lambda *a, **k: None)
+    if cfg.data.tokenizers_from:
+        toks = tokenizers_at(cfg.data.tokenizers_from, overrides)
+        say(f"tokenizers from --data.tokenizers_from {cfg.data.tokenizers_from} (spec hash {toks.hash})", flush=True)
+        return toks, f"--data.tokenizers_from {cfg.data.tokenizers_from}'s"
+    root = tokenizer_root(cfg.data.shards)
+    if (root / "text.model").exists() or (root / "code.model").exists():  # both, or one line on the missing one
+        return load_tokenizers(cfg.data.shards, manifest, overrides), "the shards'"
+    if cfg.init_from and resume is None:
+        return None, "the checkpoint's with --data.tokenizer_settings"
+    own = run_dir / RUN_TOKENIZERS
+    if resume is not None and not (own / "tokenizers.json").exists():
+        from unimodal.checkpoint import tokenizers_from
+        from unimodal.errors import CheckpointError
+        try:
+            toks = with_settings(tokenizers_from(resume), overrides)
+        except CheckpointError as e:
+            raise ConfigError(str(e)) from None
+        say(f"tokenizers from {resume}, which the run resumes from (spec hash {toks.hash})", flush=True)
+        return toks, f"{resume}'s"
+    own, info = train_run_tokenizers(run_dir, files)
+    toks = load_tokenizers(str(own), manifest, overrides)
+    if info is None:
+        say(f"tokenizers from {own} (trained by an earlier launch of this run; spec hash {toks.hash})", flush=True)
+    else:
+        say(f"no tokenizer models with the shards: trained text.model and code.model on {info['samples']:,} "
+            f"train samples ({info['text_lines']:,} text and {info['code_lines']:,} code lines) into {own} in "
+            f"{info['seconds']:.0f} s (spec hash {toks.hash})", flush=True)
+    return toks, f"{own}'s"
+
+
+def choose_tasks(cfg: TrainConfig, manifest: dict | None, files: list[str] | None = None) -> list[str]:
+    """The tasks to train: ``--tasks``, else the manifest's for the split, else the tasks the
+    split's samples name (``found_tasks``; ``files``: its shards, default resolved from
+    ``cfg.data``); held-out tasks and those of weight 0 left out. ConfigError for an
+    unknown task."""
+    found = None
     if cfg.tasks:
         tasks = list(cfg.tasks)
     elif manifest:
         tasks = sorted(manifest["splits"][cfg.data.split]["samples"])
     else:
-        raise ConfigError("without a manifest.json, list the tasks to train on with --tasks")
+        files = files if files is not None else resolve_shards(cfg.data.shards, cfg.data.split)[0]
+        found = found_tasks(files, cfg.data.split)
+        tasks = sorted(found)
     for t in tasks:
         try:
             get_task(t)
         except KeyError as e:
+            if found is not None:
+                raise ConfigError(f"{found[t]:,} {cfg.data.split} samples name the task {t!r}, which is not "
+                                  f"registered (`unimodal tasks` lists them); fix their json.task or list the "
+                                  f"tasks to train with --tasks") from None
             raise ConfigError(str(e.args[0])) from None
-    return [t for t in tasks if not get_task(t).held_out and cfg.data.weights.get(t, 1.0) > 0]
+    chosen = [t for t in tasks if not get_task(t).held_out and cfg.data.weights.get(t, 1.0) > 0]
+    if found is not None and is_rank_zero():
+        left = [t for t in tasks if t not in chosen]
+        print(f"no manifest.json: tasks of the {sum(found.values()):,} {cfg.data.split} samples read: "
+              + ", ".join(f"{t} ({n:,})" for t, n in sorted(found.items()))
+              + (f"; not trained (held out or weight 0): {', '.join(left)}" if left else ""), flush=True)
+    if not chosen:
+        raise ConfigError(f"no task to train: {', '.join(tasks)} are all held out or of weight 0")
+    return chosen
+
+
+def found_tasks(files: list[str], split: str = "train") -> dict[str, int]:
+    """Samples per task (their ``json.task``) among up to TASK_SCAN_SAMPLES of the split's
+    samples (``scan_split``: the first shard whole, the first samples of the others).
+    ConfigError when none names a task."""
+    from unimodal.data_pipelines.loader import scan_split
+
+    scan = scan_split(files, TASK_SCAN_SAMPLES)
+    if not scan.tasks:
+        raise ConfigError(f"none of the {scan.shards} {split} shards read holds a sample whose json member "
+                          f"names its task (docs/data-format.md); list the tasks to train with --tasks")
+    return dict(scan.tasks)
 
 
 def model_config(cfg: TrainConfig, toks: Tokenizers) -> ModelConfig:
@@ -160,11 +351,16 @@ def resolve_ckpt(cfg: TrainConfig, run_dir: Path) -> str | None:
     return cfg.ckpt_path
 
 
-def load_init(init_from: str, toks: Tokenizers) -> tuple[Path, dict, dict, Tokenizers]:
+def load_init(init_from: str, toks: Tokenizers | None, source: str = "the shards'",
+              overrides: dict | None = None) -> tuple[Path, dict, dict, Tokenizers]:
     """``--init_from``: (checkpoint path, its model settings, the Decoder's state dict, its
-    tokenizers). A run folder means its checkpoints/last.ckpt. ConfigError (one sentence) for
-    a missing or unreadable checkpoint, or tokenizers whose spec hash is not ``toks``'s (the
-    shards'): the ids would mean other things to the weights."""
+    tokenizers). A run folder means its checkpoints/last.ckpt. ``toks``: the run's tokenizers
+    (``source`` names them in the message), None to take the checkpoint's with ``overrides``
+    (``data.tokenizer_settings``) over them. ConfigError (one sentence) for a missing or
+    unreadable checkpoint, or tokenizers whose spec hash is not the checkpoint's: the ids would
+    mean other things to the weights. Tokenizers without action spaces (shards without a
+    manifest) match a checkpoint's that has them, all else equal: the checkpoint's record of
+    the environments is then used."""
     from unimodal.checkpoint import clean_state_dict, load_checkpoint
     from unimodal.errors import CheckpointError
 
@@ -176,14 +372,21 @@ def load_init(init_from: str, toks: Tokenizers) -> tuple[Path, dict, dict, Token
     except CheckpointError as e:
         raise ConfigError(f"--init_from: {e}") from None
     theirs = (ckpt["tokenizers"] or {}).get("hash")
-    if theirs != toks.hash:
-        raise ConfigError(f"--init_from {path}: its tokenizers have spec hash {theirs}, the shards' have "
-                          f"{toks.hash}; fine-tune on shards built with the checkpoint's tokenizers "
-                          f"(and the same --data.tokenizer_settings)")
     try:
         ckpt_toks = Tokenizers.from_state(ckpt["tokenizers"])
     except Exception as e:  # a bad sentencepiece proto, a missing key
         raise ConfigError(f"--init_from {path}: its tokenizers cannot be rebuilt ({e})") from None
+    ours = toks if toks is not None else with_settings(ckpt_toks, overrides)
+    spaced = ours
+    if ours.hash != theirs and not ours.action_spaces and ckpt_toks.action_spaces:
+        spaced = Tokenizers(ours.text, ours.code, ours.image, ours.audio, ours.value, ours.action,
+                            action_spaces=ckpt_toks.action_spaces)
+    if spaced.hash != theirs:
+        hint = ("leave out --data.tokenizer_settings" if toks is None else
+                f"pass --data.tokenizers_from {init_from} to train with the checkpoint's tokenizers"
+                + (" (or leave it out)" if source.startswith("--data.tokenizers_from") else ""))
+        raise ConfigError(f"--init_from {path}: its tokenizers have spec hash {theirs}, {source} have "
+                          f"{ours.hash}; {hint}")
     return path, dict(ckpt["hyper_parameters"]["model"]), clean_state_dict(ckpt["state_dict"]), ckpt_toks
 
 
@@ -370,17 +573,19 @@ def _run(cfg: TrainConfig) -> dict:
         init_restarted_process_group(restart, cfg.trainer.timeout_s)
     ckpt = resolve_ckpt(cfg, run_dir)
     ensure_data(cfg)
+    task_decls = register_task_file(cfg.tasks_file)  # before anything asks for a task by name
     files, manifest = resolve_shards(cfg.data.shards, cfg.data.split)
-    toks = load_tokenizers(cfg.data.shards, manifest, cfg.data.tokenizer_settings)
-    tasks = choose_tasks(cfg, manifest)
-    mcfg = model_config(cfg, toks)
+    tasks = choose_tasks(cfg, manifest, files)
+    toks, toks_source = resolve_tokenizers(cfg, manifest, files, run_dir, ckpt)
     init_state = None
     if cfg.init_from and ckpt:
         if is_rank_zero():
             print(f"--init_from {cfg.init_from} is ignored: the run resumes from {ckpt}, which holds the weights",
                   flush=True)
     elif cfg.init_from:
-        init_path, arch, init_state, toks = load_init(cfg.init_from, toks)
+        init_path, arch, init_state, toks = load_init(cfg.init_from, toks, toks_source, cfg.data.tokenizer_settings)
+    mcfg = model_config(cfg, toks)
+    if init_state is not None:
         # the checkpoint's architecture; what the data fixes (vocabulary, dims, row length) and
         # the attention kernel stay this run's
         fixed = ("vocab_size", "continuous", "max_seq_len", "value_ids", "attention")
@@ -393,6 +598,14 @@ def _run(cfg: TrainConfig) -> dict:
     resolved = to_dict(cfg)
     resolved["model"] = asdict(mcfg)
     resolved["tasks"] = tasks
+    # what a model card names: how the run was started and exactly which data it read (beside
+    # the config, not in it: config.yaml stays a file `--config` takes back)
+    prog = os.path.basename(sys.argv[0])
+    provenance = {"command": shlex.join(["python", sys.argv[0]] if prog.endswith(".py") else [prog])
+                  + "".join(" " + shlex.quote(a) for a in sys.argv[1:])}
+    manifest = Path(cfg.data.shards) / "manifest.json"
+    if "{" not in cfg.data.shards and manifest.is_file():
+        provenance["manifest_sha256"] = hashlib.sha256(manifest.read_bytes()).hexdigest()
     if is_rank_zero():
         run_dir.mkdir(parents=True, exist_ok=True)
         import yaml
@@ -403,13 +616,14 @@ def _run(cfg: TrainConfig) -> dict:
                             tokenizers=toks.state(), max_steps=cfg.trainer.max_steps,
                             compile=cfg.trainer.compile,
                             activation_checkpointing=cfg.trainer.activation_checkpointing,
-                            config=resolved, nonfinite_stop=cfg.trainer.nonfinite_stop)
+                            config={**resolved, "provenance": provenance}, nonfinite_stop=cfg.trainer.nonfinite_stop,
+                            task_decls=task_decls)
     if init_state is not None:  # built now (configure_model is idempotent) to take the weights
         module.configure_model()
         module.model.load_state_dict(init_state, strict=True)
         if is_rank_zero():
-            print(f"initialised from {init_path} (weights and tokenizers; a fresh optimiser and schedule)",
-                  flush=True)
+            print(f"initialised from {init_path} (weights and tokenizers, spec hash {toks.hash}; a fresh "
+                  f"optimiser and schedule)", flush=True)
     dm = StreamDataModule(cfg.data, toks, tasks, cfg.trainer.val_batches)
     tc = cfg.trainer
     precision = resolve_precision(tc.precision, tc.accelerator)
@@ -440,7 +654,7 @@ def _run(cfg: TrainConfig) -> dict:
         gradient_clip_val=tc.gradient_clip_val or None, accumulate_grad_batches=tc.accumulate_grad_batches,
         log_every_n_steps=tc.log_every_n_steps, val_check_interval=tc.val_every_n_steps,
         check_val_every_n_epoch=None, limit_val_batches=tc.val_batches,
-        logger=make_logger(cfg, run_dir, resolved), callbacks=callbacks,
+        logger=make_logger(cfg, run_dir, {**resolved, "provenance": provenance}), callbacks=callbacks,
         plugins=[AtomicCheckpointIO(), *slurm_plugin()], default_root_dir=str(run_dir),
         enable_progress_bar=sys.stdout.isatty(), enable_model_summary=False,
         num_sanity_val_steps=0, use_distributed_sampler=False,
