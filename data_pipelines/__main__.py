@@ -1,5 +1,6 @@
 """``python -m unimodal.data_pipelines build --recipe NAME --out DIR [--limit N] [--quiet]``,
-``python -m unimodal.data_pipelines list`` and ``python -m unimodal.data_pipelines check DIR``.
+``python -m unimodal.data_pipelines list``, ``python -m unimodal.data_pipelines check DIR`` and
+``python -m unimodal.data_pipelines convert FORMAT SRC --out DIR`` (data_pipelines/convert.py).
 
 ``unimodal data ...`` calls ``main`` with the same arguments.
 """
@@ -26,6 +27,8 @@ def _parser(prog: str) -> argparse.ArgumentParser:
     c = sub.add_parser("check", help="report leaks between a shard folder's train split and its val/test splits")
     c.add_argument("dir", help="shard folder (with manifest.json, or train/ val/ test/ folders of .tar shards)")
     c.add_argument("--json", action="store_true", help="print the whole report as JSON")
+    from unimodal.data_pipelines import convert
+    convert.add_parser(sub)
     return p
 
 
@@ -45,6 +48,9 @@ def main(argv: list[str] | None = None, prog: str = "python -m unimodal.data_pip
             return 1 if report["leaks"] else 0
         argv_used = sys.argv[1:] if argv is None else argv
         command = " ".join([prog, *map(shlex.quote, argv_used)])
+        if args.command == "convert":
+            from unimodal.data_pipelines import convert
+            return convert.run(args, command=command)
         manifest = build(args.recipe, args.out, limit=args.limit, progress=not args.quiet,
                          command=command)
     except DataBuildError as e:

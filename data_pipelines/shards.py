@@ -234,6 +234,25 @@ def _train_tokenizer(lines: list[str], kind: str, vocab: int, path: Path) -> dic
     return entry
 
 
+def manifest_head(recipe: str, command: str | None, limit: int | None, files: dict[str, list[str]],
+                  counts: dict[str, Counter]) -> dict:
+    """The keys every manifest.json starts with (a recipe's build and a converter's alike):
+    recipe, format version, time, command, limit, per split its shards (relative paths),
+    samples per task and total, the tasks, and those only in test."""
+    tasks = sorted({t for c in counts.values() for t in c})
+    return {
+        "recipe": recipe,
+        "format_version": FORMAT_VERSION,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "command": command if command is not None else " ".join(sys.argv),
+        "limit": limit,
+        "splits": {split: {"shards": files[split], "samples": dict(sorted(counts[split].items())),
+                           "total": sum(counts[split].values())} for split in SPLITS},
+        "tasks": tasks,
+        "test_only_tasks": [t for t in tasks if all(not counts[s][t] for s in SPLITS if s != "test")],
+    }
+
+
 def is_complete(out: str | Path) -> bool:
     """Whether ``out`` holds a finished build: a manifest whose listed files all exist."""
     return _read_complete(Path(out)) is not None
@@ -474,23 +493,11 @@ def _build_into(mod: ModuleType, recipe: str, tmp: Path, limit: int | None, prog
     for deb in getattr(mod, "DEBIAN", ()):
         sources[f"deb:{deb}"] = debian_version(deb) or "not installed"
 
-    splits = {}
-    size = 0
-    for split in SPLITS:
-        files = sorted((tmp / split).glob(f"{split}-*.tar")) if (tmp / split).is_dir() else []
-        size += sum(f.stat().st_size for f in files)
-        splits[split] = {"shards": [f"{split}/{f.name}" for f in files],
-                         "samples": dict(sorted(counts[split].items())),
-                         "total": sum(counts[split].values())}
+    files = {split: [f"{split}/{f.name}" for f in sorted((tmp / split).glob(f"{split}-*.tar"))]
+             if (tmp / split).is_dir() else [] for split in SPLITS}
+    size = sum((tmp / f).stat().st_size for fs in files.values() for f in fs)
     manifest = {
-        "recipe": recipe,
-        "format_version": FORMAT_VERSION,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "command": command if command is not None else " ".join(sys.argv),
-        "limit": limit,
-        "splits": splits,
-        "tasks": tasks,
-        "test_only_tasks": [t for t in tasks if task_splits[t] == {"test"}],
+        **manifest_head(recipe, command, limit, files, counts),
         "split_rule": split_rule(mod),
         "sources": sources,
         "tokenizers": tokenizers,
