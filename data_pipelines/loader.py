@@ -138,9 +138,9 @@ class DataConfig:
     speed_perturb it lifted the demo's phrases in unseen accents from 0.35 to 0.47
     (docs/LOG.md); false turns it off."""
     speed_perturb: float = 0.1
-    """Training clips play at a speed drawn uniformly from 1 -+ this (Kaldi's 0.9 / 1.0 /
-    1.1, drawn continuously); 0 turns it off. A clip that would outgrow the audio
-    tokenizer's max_seconds keeps its speed."""
+    """Training clips play at speed 1 - this, 1 or 1 + this, a third each (Kaldi's 0.9 /
+    1.0 / 1.1); 0 turns it off. A clip that would outgrow the audio tokenizer's max_seconds
+    keeps its speed."""
     tokenizer_settings: dict | None = None
     """Settings of the image/audio/value/action tokenizers over the manifest's, key by key, e.g. {"audio": {"max_seconds": 10}}."""
     tokenizers_from: str | None = None
@@ -600,21 +600,21 @@ class StreamDataset(IterableDataset):
                     return
 
     def _speed(self, sample: dict, rng: np.random.Generator) -> dict:
-        """``sample`` with its clip speed-perturbed (``speed_perturb``), or as it is."""
-        if self.cfg.speed_perturb <= 0:
-            return sample
-        factor = 1.0 + float(rng.uniform(-self.cfg.speed_perturb, self.cfg.speed_perturb))
+        """``sample`` with its clip played at speed 1 - p, 1 or 1 + p (``speed_perturb`` p,
+        one third each, as Kaldi), or as it is."""
+        p = self.cfg.speed_perturb
+        factor = float(rng.choice((1.0 - p, 1.0, 1.0 + p))) if p > 0 else 1.0
         member = next((k for k in MEDIA_MEMBERS["audio"] if sample.get(k) is not None), None)
-        if member is None:
+        if factor == 1.0 or member is None:
             return sample
+        tok = self.toks.audio
         try:
-            x, rate = speed_perturb(sample[member], factor)
-        except ValueError:  # undecodable: the task says so, with its own reason
+            wave = tok.waveform(sample[member], cut=False)  # at the tokenizer's rate
+        except ValueError:  # undecodable or too long: the task says so, with its own reason
             return sample
-        longest = self.toks.audio.max_seconds
-        if longest is not None and len(x) / rate > longest:
+        if tok.max_seconds is not None and len(wave) / (tok.sample_rate * factor) > tok.max_seconds:
             return sample
-        return {**sample, member: (x, rate)}
+        return {**sample, member: speed_perturb(wave, tok.sample_rate, factor)}
 
     def _draw_shots(self, i: int, rng: np.random.Generator) -> bool:
         """Whether this sample of task ``i`` gets demonstrations (a ``shot_share`` draw)."""

@@ -530,13 +530,13 @@ def test_speed_perturb_scales_tempo_and_pitch_together():
     buf = io.BytesIO()
     sf.write(buf, (0.5 * np.sin(2 * np.pi * 440 * t)).astype(np.float32), rate, format="WAV")
     tok = AudioTokenizer(max_seconds=None)
-    wave = tok.waveform(speed_perturb(buf.getvalue(), 1.25))
+    wave = tok.waveform(speed_perturb(tok.waveform(buf.getvalue()), tok.sample_rate, 1.25))
     assert len(wave) == pytest.approx(0.8 * tok.sample_rate, abs=2)
     spectrum = np.abs(np.fft.rfft(wave))
     peak_hz = np.argmax(spectrum) * tok.sample_rate / len(wave)
     assert peak_hz == pytest.approx(550, abs=2)
     with pytest.raises(ValueError):
-        speed_perturb(buf.getvalue(), 0)
+        speed_perturb(wave, tok.sample_rate, 0)
 
 
 def test_spec_augment_masks_bands_and_runs_with_the_clip_mean():

@@ -225,19 +225,17 @@ class AudioTokenizer(Tokenizer):
 # --------------------------------------------------------------------------------------
 # training-time augmentation (the loader applies it to training rows only)
 # --------------------------------------------------------------------------------------
-def speed_perturb(payload: Any, factor: float) -> tuple[np.ndarray, int]:
-    """Kaldi-style speed perturbation: the clip played ``factor`` times as fast (tempo and
-    pitch together), as ``(float32 [samples, channels], rate)`` for ``AudioTokenizer.encode``.
+def speed_perturb(wave: np.ndarray, rate: int, factor: float) -> tuple[np.ndarray, int]:
+    """Kaldi-style speed perturbation: mono ``wave`` at ``rate`` played ``factor`` times as
+    fast (tempo and pitch together), as ``(wave, declared rate)`` for ``AudioTokenizer.encode``.
 
     The samples are kept and the rate is declared ``factor`` times higher, so the tokenizer's
-    resampling to its own rate does the work: a 1 s clip at factor 1.1 becomes 0.91 s."""
+    resampling back to its own rate does the work: a 1 s clip at factor 1.1 becomes 0.91 s.
+    Give the wave at the tokenizer's rate (``AudioTokenizer.waveform``) and a factor like
+    0.9 or 1.1: the resampling ratio is then 10/9 or 10/11, a short polyphase filter."""
     if not factor > 0:
         raise ValueError(f"speed factor must be positive, got {factor}")
-    if isinstance(payload, tuple):
-        x, rate = np.asarray(payload[0]), int(payload[1])
-    else:
-        x, rate = _decode(payload)
-    return x, max(1, round(rate * factor))
+    return wave, max(1, round(rate * factor))
 
 
 def spec_augment(features: np.ndarray, n_mels: int, rng: np.random.Generator, freq_masks: int = 2,
