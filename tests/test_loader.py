@@ -192,7 +192,7 @@ def _audio_features(batches) -> list[np.ndarray]:
 def test_audio_augmentation_changes_training_clips_only(shard_dir, toks):
     """SpecAugment and speed perturbation are for training rows: the val stream is the same
     with them on, the train stream is not (and speed changes the clips' lengths)."""
-    plain = cfg(shard_dir, weights={"audio.transcribe": 1.0})
+    plain = cfg(shard_dir, weights={"audio.transcribe": 1.0}, spec_augment=False, speed_perturb=0.0)
     aug = cfg(shard_dir, weights={"audio.transcribe": 1.0}, spec_augment=True, speed_perturb=0.1)
     tasks = ["audio.transcribe"]
     a, b = take(StreamDataset(plain, toks, tasks, 0, 1)), take(StreamDataset(aug, toks, tasks, 0, 1))
