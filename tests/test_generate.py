@@ -139,8 +139,11 @@ def test_checkpoint_errors(ckpt, tmp_path):
         with pytest.raises(CheckpointError) as e:
             Unimodal.from_checkpoint(p)
         assert str(p) in str(e.value) and "\n" not in str(e.value)
-    with pytest.raises(CheckpointError, match="not a file"):
+    with pytest.raises(CheckpointError, match="no checkpoint at .*last.ckpt"):  # a folder: a run's
         Unimodal.from_checkpoint(tmp_path)
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "run" / "checkpoints" / "last.ckpt").write_bytes(good)
+    assert Unimodal.from_checkpoint(tmp_path / "run").path == str(tmp_path / "run" / "checkpoints" / "last.ckpt")
     torch.save(torch.zeros(3), tmp_path / "tensor.ckpt")
     with pytest.raises(CheckpointError, match="not a unimodal checkpoint"):
         Unimodal.from_checkpoint(tmp_path / "tensor.ckpt")

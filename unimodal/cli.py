@@ -176,7 +176,8 @@ def _register_tasks_file(path: str | None) -> list[dict]:
 
 
 def _gen_args(p) -> None:
-    p.add_argument("--ckpt", required=True, help="checkpoint file (runs/<run>/checkpoints/last.ckpt)")
+    p.add_argument("--ckpt", required=True, help="checkpoint file (runs/<run>/checkpoints/last.ckpt), run "
+                                                 "folder (its last.ckpt) or folder `unimodal export` wrote")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default: cpu)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
 

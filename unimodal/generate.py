@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Sequence
 import numpy as np
 import torch
 
-from unimodal.checkpoint import clean_state_dict, decoder_of, load_checkpoint, model_config_of, tokenizers_of
+from unimodal.checkpoint import checkpoint_file, clean_state_dict, decoder_of, load_checkpoint, model_config_of, tokenizers_of
 from unimodal.data_pipelines.packing import sample_length
 from unimodal.data_pipelines.tasks import BadSample, Control, register_declared, with_demos
 from unimodal.decoding import Engine
@@ -57,8 +57,9 @@ class Unimodal(Engine):
 
     @classmethod
     def from_checkpoint(cls, path: str | os.PathLike, device: str | torch.device = "cpu") -> "Unimodal":
-        """Rebuild model and tokenizers from a Lightning checkpoint written by our Trainer (a
-        folder ``unimodal export`` wrote loads too, as ``from_pretrained``).
+        """Rebuild model and tokenizers from a Lightning checkpoint written by our Trainer, or
+        a run folder's last.ckpt (a folder ``unimodal export`` wrote loads too, as
+        ``from_pretrained``).
 
         Raises CheckpointError (one sentence) for a missing, corrupt, truncated or foreign file.
         """
@@ -67,6 +68,7 @@ class Unimodal(Engine):
         if is_exported(path):
             return cls.from_pretrained(path, device)
         dev = resolve_device(device)
+        path = checkpoint_file(path)  # a run folder: its checkpoints/last.ckpt
         ckpt = load_checkpoint(path)
         hp = ckpt["hyper_parameters"]
         register_declared(hp.get("task_decls") or (), source=str(path))  # its --tasks_file tasks
