@@ -66,7 +66,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 from unimodal.data_pipelines.shards import (FORMAT_VERSION, MAXCOUNT, MAXSIZE, SPLITS, TAR_MTIME,
                                             TEXT_VOCAB, CODE_VOCAB, TRAIN_FRACTION, VAL_FRACTION,
-                                            DataBuildError, _clean_stale_temps, _read_complete, manifest_head,
+                                            DataBuildError, _clean_stale_temps, _read_complete, manifest_head, refuse_occupied,
                                             _tokenizer_specs, _train_tokenizer, _versions,
                                             encode_sample, split_of)
 from unimodal.tokenizers.files import atomic_write_text
@@ -523,9 +523,7 @@ def convert(fmt: str | Format, src: str | os.PathLike, out: str | os.PathLike, w
                                  f"settings ({', '.join(diff)}); remove it or choose another output folder")
         _say(progress, f"nothing to do: {out} is already a complete conversion of {src}")
         return existing
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise DataBuildError(f"{out} exists and is not a complete build (no valid manifest.json); "
-                             f"remove it or choose another output folder")
+    refuse_occupied(out)
     if fmt.resolve_src is None and not src.exists():  # a resolver says itself what is missing
         raise DataBuildError(f"{src} does not exist (format {fmt.name} reads {fmt.src_help})")
 

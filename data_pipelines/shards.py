@@ -253,6 +253,14 @@ def manifest_head(recipe: str, command: str | None, limit: int | None, files: di
     }
 
 
+def refuse_occupied(out: Path) -> None:
+    """DataBuildError unless ``out`` is missing or an empty folder (a build or conversion
+    never writes into someone else's files)."""
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise DataBuildError(f"{out} exists and is not a complete build (no valid manifest.json); "
+                             f"remove it or choose another output folder")
+
+
 def is_complete(out: str | Path) -> bool:
     """Whether ``out`` holds a finished build: a manifest whose listed files all exist."""
     return _read_complete(Path(out)) is not None
@@ -350,9 +358,7 @@ def build(recipe: str, out: str | Path, limit: int | None = None, progress: bool
                 f"limit {existing.get('limit')}; remove it or choose another output folder")
         _say(progress, f"nothing to do: {out} is already a complete build of recipe {recipe!r}")
         return existing
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise DataBuildError(f"{out} exists and is not a complete build (no valid manifest.json); "
-                             f"remove it or choose another output folder")
+    refuse_occupied(out)
 
     ok, reason = mod.available()
     if not ok:

@@ -525,13 +525,33 @@ def _train_on(out: Path, run: Path, capsys) -> dict:
     return json.loads((run / "r" / "eval.json").read_text())
 
 
+def _captioned_images(src: Path, n: int = 24) -> None:
+    """An img2dataset shard: KEY.jpg + KEY.txt captions."""
+    rng = np.random.default_rng(3)
+    src.mkdir(parents=True)
+    with wds.TarWriter(str(src / "00000.tar")) as w:
+        for i in range(n):
+            buf = io.BytesIO()
+            Image.fromarray(rng.integers(0, 255, (12, 12, 3)).astype(np.uint8)).save(buf, format="JPEG")
+            w.write({"__key__": f"{i:09d}", "jpg": buf.getvalue(),
+                     "txt": f"a {'red' if i % 2 else 'blue'} square number {i}".encode()})
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["image", "audio", "text"])
+@pytest.mark.parametrize("kind", ["image", "caption", "audio", "text", "code"])
 def test_train_and_eval_on_a_converted_folder(kind, imagefolder, audio_src, parallel_src, tmp_path, capsys):
     out = tmp_path / "data"
     if kind == "image":
         m = convert("imagefolder", imagefolder, out, fractions=FRACTIONS, progress=False)
         task = "image.classify"
+    elif kind == "caption":
+        _captioned_images(tmp_path / "laion")
+        m = convert("img2dataset", tmp_path / "laion", out, fractions=(0.5, 0.25), progress=False)
+        task = "image.caption"
+    elif kind == "code":
+        _code_tree(tmp_path / "repo")
+        m = convert("code", tmp_path / "repo", out, fractions=(0.5, 0.25), progress=False)
+        task = "code.complete"
     elif kind == "audio":
         m = convert("audio-manifest", audio_src / "train.jsonl", out, fractions=(0.5, 0.25), progress=False)
         task = "audio.transcribe"

@@ -173,8 +173,10 @@ def test_the_loader_skips_and_counts_long_clips(built):
 
     out, m = built
     toks = load_tokenizers(str(out), m)
+    # augmentation off: the count climbs as the shards are re-read, and this stream (seed 0)
+    # is the one whose batches pass exactly 2; augmentation's draws change the order
     cfg = DataConfig(shards=str(out), seq_len=128, batch_size=2, num_workers=0, shuffle_buffer=20,
-                     batches_per_epoch=40, max_bad_fraction=0.9)
+                     batches_per_epoch=40, max_bad_fraction=0.9, spec_augment=False, speed_perturb=0.0)
     stats = {}
     for batch in StreamDataset(cfg, toks, ["audio.transcribe"]):
         stats = batch.stats
