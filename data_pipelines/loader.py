@@ -352,8 +352,14 @@ class StreamDataset(IterableDataset):
     def __init__(self, cfg: DataConfig, toks: Tokenizers, tasks: list[str],
                  rank: int | None = None, world_size: int | None = None, split: str | None = None,
                  split_by: str = "shards"):
+        from .tasks import declarations
+
         self.cfg, self.toks, self.tasks = cfg, toks, list(tasks)
         self.task_index = {t: i for i, t in enumerate(self.tasks)}
+        # what the registry holds (a --tasks_file's tasks too), registered again in every
+        # DataLoader worker: one started by 'spawn' (macOS, Windows) imports tasks.py afresh
+        # and knows only the built-in tasks
+        self.task_decls = list(declarations().values())
         self.split = split or cfg.split
         self.urls, manifest = resolve_shards(cfg.shards, self.split)
         self.weights = mixture_weights(cfg.weights, self.tasks)
@@ -384,8 +390,9 @@ class StreamDataset(IterableDataset):
         self._url_index = {u: i for i, u in enumerate(self.urls)}
         self._last_skip: str | None = None
         # the rank's batch index the next iteration starts at: shared with the workers (as
-        # open_clip shares its epoch), set by the trainer before every epoch
-        self.start = torch.multiprocessing.Value("q", 0)
+        # open_clip shares its epoch), set by the trainer before every epoch; no lock (only
+        # the main process writes it), so it also reaches workers of any start method
+        self.start = torch.multiprocessing.Value("q", 0, lock=False)
 
     def set_start(self, batches_taken: int) -> None:
         """The next iteration continues the stream after ``batches_taken`` batches."""
@@ -429,7 +436,11 @@ class StreamDataset(IterableDataset):
         return epoch, role, len(range(role, done, n))
 
     def __iter__(self) -> Iterator[Batch]:
+        from .tasks import register_declared
+
         info = get_worker_info()
+        if info is not None:  # idempotent: a forked worker has them all already
+            register_declared(self.task_decls, source="the training data stream")
         worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
         epoch, role, skip = self.plan(worker, num_workers)
         seed = [self.cfg.seed or 0, self.rank, role, epoch]

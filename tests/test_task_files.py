@@ -313,6 +313,25 @@ def reverse_and_caption_samples(n: int, seed: int, prefix: str) -> list[dict]:
     return out
 
 
+def test_spawned_loader_workers_know_the_declared_tasks(tmp_path, toks):
+    """A DataLoader worker started by 'spawn' (macOS, Windows) imports tasks.py afresh; the
+    stream brings it the tasks the main process registered from a task file."""
+    from torch.utils.data import DataLoader
+
+    from unimodal.data_pipelines.loader import DataConfig, StreamDataset
+
+    write_shards(tmp_path, reverse_and_caption_samples(40, 0, "a"), per_shard=40)
+    (tmp_path / "text.model").write_bytes(toks.text.model_proto)
+    (tmp_path / "code.model").write_bytes(toks.code.model_proto)
+    tasks.register_declared([REVERSE], source="mine.yaml")
+    cfg = DataConfig(shards=str(tmp_path), batch_size=2, seq_len=64, num_workers=1, shuffle_buffer=10,
+                     batches_per_epoch=2)
+    ds = StreamDataset(cfg, toks, ["text.reverse"], rank=0, world_size=1)
+    batches = list(DataLoader(ds, batch_size=None, num_workers=1, multiprocessing_context="spawn"))
+    assert len(batches) == 2 and all(b.num_samples > 0 and set(b.task.unique().tolist()) <= {-1, 0}
+                                     for b in batches)  # text.reverse rows, made in the spawned worker
+
+
 def wilson(k: int, n: int, z: float = 1.959963984540054) -> tuple[float, float]:
     p = k / n
     mid, half = p + z * z / (2 * n), z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
