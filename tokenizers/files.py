@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
+import secrets
 from pathlib import Path
 from typing import IO, Iterator
 
@@ -24,7 +24,7 @@ def atomic_write(path: str | os.PathLike, mode: str = "w", durable: bool = False
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = _create_temp(path)
     try:
         with os.fdopen(fd, mode, encoding=None if "b" in mode else encoding) as f:
             yield f
@@ -43,6 +43,22 @@ def atomic_write(path: str | os.PathLike, mode: str = "w", durable: bool = False
                 os.fsync(dir_fd)
             finally:
                 os.close(dir_fd)
+
+
+def _create_temp(path: Path) -> tuple[int, Path]:
+    """A new file beside ``path``, opened for writing, and its name.
+
+    Not ``tempfile.mkstemp``: that creates the file with mode 0600, which the rename would
+    give ``path`` (a config, manifest or checkpoint that the group or other users could no
+    longer read). Mode 0666 here is what ``open(path, "w")`` asks for, so the umask (and a
+    folder's default ACL) decides, as for any other file the user writes."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)  # the io layer does newlines
+    while True:
+        tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
+        try:
+            return os.open(tmp, flags, 0o666), tmp
+        except FileExistsError:
+            continue
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
