@@ -77,6 +77,35 @@ def test_score_is_higher_is_better_for_every_family():
     assert score("image.classify", {}) is None
 
 
+@pytest.mark.parametrize("task, metric, key", [
+    ("image.classify", "accuracy", "accuracy"), ("image.classify.fr", "accuracy", "accuracy"),
+    ("image.caption", "chrF", "chrf"), ("audio.transcribe", "accuracy", "accuracy"),
+    ("text.translate.en-fr", "chrF", "chrf"), ("code.complete", "unigram bits per byte / model bits per byte", None),
+    ("control.cartpole-v1", "normalised return", "normalized_return"),
+    ("text.reverse", "exact match", "exact_match"),  # declared below, as a --tasks_file would
+])
+def test_the_score_is_the_tasks_declared_metric_higher_is_better(monkeypatch, task, metric, key):
+    from unimodal.data_pipelines import tasks
+    from unimodal.evaluate import chrf_of_statistics
+    from unimodal.experiment import _paired_stat, primary, shot_cell
+
+    for name in ("_EXACT", "_CACHE", "TASKS"):  # registers into a copy: nothing leaks into other tests
+        monkeypatch.setattr(tasks, name, dict(getattr(tasks, name)))
+    monkeypatch.setattr(tasks, "_FAMILY_DECLS", list(tasks._FAMILY_DECLS))
+    tasks.register_declared([{"name": "text.reverse", "instruction": "reverse the words.", "inputs": [{"text": "src"}],
+                              "target": {"text": "tgt"}, "metric": "exact_match"}], source="mine.yaml")
+    assert primary(task)[1] == metric
+    if key is None:  # bits per byte: lower is better, so the score is the baseline's over the model's
+        worse, better = ({"bits_per_byte": b, "baseline_bits_per_byte": 3.0} for b in (2.0, 1.0))
+    else:
+        worse, better = {key: 0.2}, {key: 0.6}
+        cell = {**better, "n": {key: 5}, "items": [0, 1], "per_item": {key: [1, 0], "chrf_stats": [[1], [2]]}}
+        assert shot_cell(task, cell)["n"] == 5  # its n, and the per-item values paired across k
+        assert shot_cell(task, cell)["per_item"] == ([[1], [2]] if key == "chrf" else [1, 0])
+        assert (_paired_stat(task) is chrf_of_statistics) == (key == "chrf")
+    assert score(task, better) > score(task, worse)
+
+
 def test_the_verdict_on_hand_made_numbers():
     above = compare([1.00, 1.02, 0.98], [0.50, 0.52, 0.48])
     assert above["verdict"] == "at or above" and above["ratio"] == pytest.approx(2.0) and above["ci95"][0] >= 0.95

@@ -65,14 +65,15 @@ from unimodal.tokenizers.files import atomic_write, atomic_write_text
 THRESHOLD = 0.95
 PRESETS = Path(__file__).resolve().parents[1] / "configs" / "experiment"
 
-# (metric, how to read it) per task family; code is scored as compression against the
-# unigram baseline (baseline bits / model bits), so higher is better everywhere
+# (metric, how to read it) per metric a task declares (``Task.metric``; 'return' is
+# control's); bits per byte is scored as compression against the unigram baseline
+# (baseline bits / model bits), so higher is better everywhere
 PRIMARY = {
-    "image": ("accuracy", "accuracy"),
-    "audio": ("accuracy", "accuracy"),
-    "text": ("chrf", "chrF"),
-    "code": ("compression", "unigram bits per byte / model bits per byte"),
-    "control": ("normalized_return", "normalised return"),
+    "accuracy": ("accuracy", "accuracy"),
+    "exact_match": ("exact_match", "exact match"),
+    "chrf": ("chrf", "chrF"),
+    "bits_per_byte": ("compression", "unigram bits per byte / model bits per byte"),
+    "return": ("normalized_return", "normalised return"),
 }
 
 
@@ -80,12 +81,20 @@ def family(task: str) -> str:
     return task.split(".")[0]
 
 
+def primary(task: str) -> tuple[str, str]:
+    """(metric, how to read it) of ``task``'s score, by the metric the task declares, not by
+    its family: image.caption is scored by chrF although image.classify is by accuracy."""
+    from unimodal.data_pipelines.tasks import get_task
+    return PRIMARY[get_task(task).metric]
+
+
 def score(task: str, metrics: dict) -> float | None:
     """The one higher-is-better number of ``task`` in its eval.json entry (None if absent)."""
-    if family(task) == "code":
+    metric = primary(task)[0]
+    if metric == "compression":
         bpb, base = metrics.get("bits_per_byte"), metrics.get("baseline_bits_per_byte")
         return base / bpb if bpb and base else None
-    value = metrics.get(PRIMARY[family(task)][0])
+    value = metrics.get(metric)
     return float(value) if isinstance(value, (int, float)) else None
 
 
@@ -301,14 +310,15 @@ def missing_shots(record: dict, arm: Arm, proto: Protocol) -> list[int]:
 
 
 # the per-item values a paired comparison across k resamples, by headline metric
-PAIRED = {"accuracy": "accuracy", "chrf": "chrf_stats", "normalized_return": "normalized_return"}
+PAIRED = {"accuracy": "accuracy", "exact_match": "exact_match", "chrf": "chrf_stats",
+          "normalized_return": "normalized_return"}
 
 
 def shot_cell(task: str, cell: dict) -> dict:
     """What arm.json keeps of one k's evaluation (``evaluate``'s ``shots[k]``): the score,
     its n and 95% interval over items, and the items with their per-item values of the
     headline metric (``PAIRED``), for the report's paired comparison."""
-    metric = PRIMARY[family(task)][0]
+    metric = primary(task)[0]
     key = PAIRED.get(metric)
     values = ((cell.get("per_item") or {}).get(key)) if key else None
     return {"score": score(task, cell), "n": (cell.get("n") or {}).get(metric),
@@ -455,7 +465,7 @@ def shot_verdict(lo: float | None, hi: float | None) -> str:
 def _paired_stat(task: str):
     """The score of a task's per-item values (arm.json's ``shot_cell``): corpus chrF of summed
     statistics for chrF, else the mean."""
-    if PAIRED.get(PRIMARY[family(task)][0]) == "chrf_stats":
+    if PAIRED.get(primary(task)[0]) == "chrf_stats":
         from unimodal.evaluate import chrf_of_statistics
         return chrf_of_statistics
     import numpy as np
@@ -595,7 +605,7 @@ def build_report(out: Path) -> dict:
             sc["best_steps"] = [((r.get("best") or {}).get("step")) if r else None for r in comp]
             means = {k: v["mean"] for k, v in (("Sdata", sd), ("Scompute", sc)) if v["mean"] is not None}
             best = max(means, key=means.get) if means else None
-            row = {"task": m, "metric": PRIMARY[family(m)][1], "G": g, "Sdata": sd, "Scompute": sc, "best": best,
+            row = {"task": m, "metric": primary(m)[1], "G": g, "Sdata": sd, "Scompute": sc, "best": best,
                    **compare(g["scores"], (sd if best == "Sdata" else sc)["scores"] if best else []),
                    "vs": {k: compare(g["scores"], v["scores"]) for k, v in (("Sdata", sd), ("Scompute", sc))}}
             rows.append(row)
@@ -612,7 +622,7 @@ def build_report(out: Path) -> dict:
         for source in dict.fromkeys(a.source for a in arms if a.kind == "T" and a.task == h):
             curves[source] = [{"K": K, **summarise(scores("T", size, h, source=source, K=K))}
                               for K in proto.transfer_steps]
-        transfer.append({"task": h, "metric": PRIMARY[family(h)][1], "size": size, "curves": curves})
+        transfer.append({"task": h, "metric": primary(h)[1], "size": size, "curves": curves})
 
     missing = [a.name for a in arms if a.name not in records]
     seconds = sum(r.get("train_seconds", 0) + r.get("eval_seconds", 0) for r in records.values()) + shares["seconds"]
@@ -641,7 +651,7 @@ def shots_table(proto: Protocol, records: dict, size: str) -> dict | None:
         gain = shot_gain(m, [c.get("0") for c in cells], [c.get(str(top)) for c in cells])
         why = (None if any(cells) else "G not evaluated yet" if not any(gs)
                else f"{family(m)} has no demonstrations" if family(m) == "code" else "not evaluated with shots")
-        rows.append({"task": m, "metric": PRIMARY[family(m)][1],
+        rows.append({"task": m, "metric": primary(m)[1],
                      "k": {str(k): shot_summary([c.get(str(k)) for c in cells]) for k in ks},
                      "gain": gain, "verdict": gain["verdict"], "why": why})
     return {"ks": ks, "compared": [0, top], "tasks": rows}
