@@ -234,14 +234,32 @@ def _train_tokenizer(lines: list[str], kind: str, vocab: int, path: Path) -> dic
     return entry
 
 
+def recipe_fingerprint(mod: ModuleType) -> str:
+    """What a recipe's build is made by, as 16 hex digits: the recipe module's source, the
+    shard format version, the split rule, the shard and vocabulary sizes and the tokenizer
+    settings. Two builds with one fingerprint (and limit) come from the same code, so
+    ``python train.py`` reuses its demo folder only while the fingerprint is the current
+    one (``unimodal.training.ensure_data``); times and package versions are left out, so
+    an unchanged recipe is never rebuilt. A module without a file (made in a test) has no
+    source to hash."""
+    source = Path(mod.__file__).read_bytes() if getattr(mod, "__file__", None) else b""
+    what = {"source": hashlib.sha256(source).hexdigest(),
+            "format_version": FORMAT_VERSION, "split_rule": split_rule(mod),
+            "shards": [MAXCOUNT, MAXSIZE], "vocab": [TEXT_VOCAB, CODE_VOCAB],
+            "tokenizer_settings": recipe_tokenizer_settings(mod)}
+    return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def manifest_head(recipe: str, command: str | None, limit: int | None, files: dict[str, list[str]],
-                  counts: dict[str, Counter]) -> dict:
+                  counts: dict[str, Counter], fingerprint: str | None = None) -> dict:
     """The keys every manifest.json starts with (a recipe's build and a converter's alike):
-    recipe, format version, time, command, limit, per split its shards (relative paths),
-    samples per task and total, the tasks, and those only in test."""
+    recipe, its fingerprint (``recipe_fingerprint``; a recipe's build only), format version,
+    time, command, limit, per split its shards (relative paths), samples per task and total,
+    the tasks, and those only in test."""
     tasks = sorted({t for c in counts.values() for t in c})
     return {
         "recipe": recipe,
+        **({"recipe_fingerprint": fingerprint} if fingerprint else {}),
         "format_version": FORMAT_VERSION,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "command": command if command is not None else " ".join(sys.argv),
@@ -503,7 +521,7 @@ def _build_into(mod: ModuleType, recipe: str, tmp: Path, limit: int | None, prog
              if (tmp / split).is_dir() else [] for split in SPLITS}
     size = sum((tmp / f).stat().st_size for fs in files.values() for f in fs)
     manifest = {
-        **manifest_head(recipe, command, limit, files, counts),
+        **manifest_head(recipe, command, limit, files, counts, recipe_fingerprint(mod)),
         "split_rule": split_rule(mod),
         "sources": sources,
         "tokenizers": tokenizers,

@@ -81,6 +81,7 @@ def test_build_writes_shards_manifest_and_tokenizers(fake, tmp_path, capsys):
     assert (out / "code.model").is_file()
     assert json.loads((out / "manifest.json").read_text()) == m
     assert m["recipe"] == "fake" and m["format_version"] == shards.FORMAT_VERSION
+    assert m["recipe_fingerprint"] == shards.recipe_fingerprint(shards.get_recipe("fake"))
     assert m["command"] == "test" and m["created"].endswith("+00:00") and m["extra"] == {"fake": True}
     assert set(m["splits"]) == {"train", "val", "test"}
     assert m["tasks"] == ["control.fake", "text.translate.en-fr", "text.translate.en-fr.heldout"]

@@ -14,6 +14,7 @@ import datetime as dt
 import hashlib
 import os
 import shlex
+import shutil
 import signal
 import sys
 import time
@@ -78,25 +79,97 @@ def point_latest(out_dir: Path, run_name: str) -> None:
 
 
 def ensure_data(cfg: TrainConfig) -> None:
-    """Build the demo shards when the default folder is missing (rank 0; others wait)."""
+    """Build the demo shards when the default folder is missing, and build them again when
+    it holds a demo build of another version of the recipe (its manifest's
+    ``recipe_fingerprint`` is not the current code's), so a stale demo is never trained on
+    silently. A default folder that holds anything else is refused (ConfigError), never
+    replaced. Rank 0 builds; the others wait for the current build."""
     shards = Path(cfg.data.shards)
-    if (shards / "manifest.json").exists() or "{" in cfg.data.shards or (shards.is_dir() and any(shards.glob("**/*.tar"))):
+    if "{" in cfg.data.shards:
         return
+    has_manifest, has_tars = (shards / "manifest.json").exists(), shards.is_dir() and any(shards.glob("**/*.tar"))
     if cfg.data.shards != DataConfig.shards:
+        if has_manifest or has_tars:
+            return
         raise ConfigError(f"no shards at {cfg.data.shards!r}; build them with "
                           f"`unimodal data build --recipe NAME --out {cfg.data.shards}`")
+    if has_tars and not has_manifest:
+        return  # shards of one's own: nothing says what built them
+    from unimodal.data_pipelines.shards import _read_complete, build, get_recipe, recipe_fingerprint
+
+    recipe = cfg.data.demo_recipe
+    current = recipe_fingerprint(get_recipe(recipe))
+    stale = _stale_demo(shards, recipe, current)
+    if stale is False:
+        return
     if is_rank_zero():
-        from unimodal.data_pipelines.shards import build
-        print(f"building the {cfg.data.demo_recipe!r} shards into {shards} (once; cached) ...", flush=True)
         t = time.perf_counter()
-        build(cfg.data.demo_recipe, shards, command="python train.py (auto build)")
+        if stale is None:
+            print(f"building the {recipe!r} shards into {shards} (once; cached) ...", flush=True)
+            build(recipe, shards, command=AUTO_BUILD)
+        else:
+            print(f"{shards} was built by another version of the {recipe!r} recipe (fingerprint {stale}, "
+                  f"now {current}); building it again ...", flush=True)
+            _rebuild(recipe, shards)
         print(f"built {shards} in {time.perf_counter() - t:.0f} s", flush=True)
     else:
         deadline = time.time() + 3600
-        while not (shards / "manifest.json").exists():
+        while (_read_complete(shards) or {}).get("recipe_fingerprint") != current:
             if time.time() > deadline:
                 raise DataError(f"rank 0 did not finish building {shards} within an hour")
             time.sleep(5)
+
+
+AUTO_BUILD = "python train.py (auto build)"
+"""The command that ``ensure_data``'s builds record in their manifest."""
+
+
+def _stale_demo(shards: Path, recipe: str, current: str) -> str | bool | None:
+    """Whether the default folder ``shards`` needs a build: None when it holds none, False
+    when its build is the current one of ``recipe``, else the fingerprint of the stale demo
+    build it holds ('none' for a build from before fingerprints). ConfigError when it holds
+    something that is not a whole demo build, which a rebuild would destroy."""
+    from unimodal.data_pipelines.shards import _read_complete
+
+    if not (shards / "manifest.json").exists():
+        return None
+    manifest = _read_complete(shards)
+    if manifest is None:
+        what = "a manifest.json whose files are not all there"
+    elif manifest.get("recipe") != recipe or manifest.get("limit") is not None:
+        limit = manifest.get("limit")
+        what = f"a build of recipe {manifest.get('recipe')!r}" + (f" with --limit {limit}" if limit is not None else "")
+    else:
+        listed = {"manifest.json", *(s for sp in manifest["splits"].values() for s in sp["shards"]),
+                  *(t["path"] for t in manifest.get("tokenizers", {}).values() if "path" in t)}
+        extra = sorted(str(p.relative_to(shards)) for p in shards.rglob("*")
+                       if not p.is_dir() and str(p.relative_to(shards)) not in listed)
+        if not extra:
+            return False if manifest.get("recipe_fingerprint") == current else \
+                manifest.get("recipe_fingerprint") or "none"
+        what = f"files no build of the {recipe!r} recipe writes ({', '.join(extra[:3])})"
+    raise ConfigError(f"{shards} holds {what}, not a demo build that `python train.py` may replace: "
+                      f"move it elsewhere (and train on it with --data.shards) or remove it, and the "
+                      f"{recipe!r} shards are built there")
+
+
+def _rebuild(recipe: str, shards: Path) -> None:
+    """Build ``recipe`` into a temp folder beside ``shards`` and swap it in: the stale build
+    stays in place, usable, until the new one is complete."""
+    from unimodal.data_pipelines.shards import build
+
+    fresh = shards.parent / f".{shards.name}.new"
+    if fresh.exists():  # left by a rebuild killed between its build and its swap
+        shutil.rmtree(fresh)
+    build(recipe, fresh, command=AUTO_BUILD)
+    old = shards.parent / f".{shards.name}.old-{os.getpid()}"
+    os.replace(shards, old)
+    try:
+        os.replace(fresh, shards)
+    except OSError:
+        os.replace(old, shards)
+        raise
+    shutil.rmtree(old)
 
 
 def load_tokenizers(shards: str, manifest: dict | None, overrides: dict | None = None) -> Tokenizers:
