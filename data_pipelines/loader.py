@@ -75,7 +75,8 @@ from unimodal.tokenizers.audio import spec_augment, speed_perturb
 from unimodal.tokenizers.vocab import Tokenizers
 
 from .packing import Batch, Packer, sample_length
-from .tasks import MEDIA_MEMBERS, BadSample, Control, get_task, with_demos
+from .tasks import (MEDIA_MEMBERS, SHOT_SELECTS, BadSample, Control, declarations, demo_source, get_task, input_key,
+                    register_declared, with_demos)
 
 RAW_MEMBERS = MEDIA_MEMBERS["image"] + MEDIA_MEMBERS["audio"]
 
@@ -132,6 +133,11 @@ class DataConfig:
     (docs/data-format.md, control); 0: every sample alone."""
     max_shots: int = 3
     """Most demonstrations before one sample."""
+    shot_select: str = "nearest"
+    """Which samples of the task's reservoir demonstrate a (non-control) sample: 'nearest',
+    those whose inputs are closest to its own (``input_key``; never one that shares its
+    source group or, for tasks scored on their answer's text, its answer, as no test item
+    does), so that the model learns to use what demonstrations say; 'random', any."""
     spec_augment: bool = True
     """SpecAugment on training clips (two frequency bands of up to 8 mel channels and two
     time runs of up to 10% of the frames set to the clip's mean); validation never. With
@@ -154,6 +160,8 @@ class DataConfig:
             raise ValueError(f"data.speed_perturb must be within 0..1, got {self.speed_perturb}")
         if self.max_shots < 1:
             raise ValueError(f"data.max_shots must be >= 1, got {self.max_shots}")
+        if self.shot_select not in SHOT_SELECTS:
+            raise ValueError(f"data.shot_select must be one of {', '.join(SHOT_SELECTS)}, got {self.shot_select!r}")
 
 
 def resolve_shards(path: str, split: str) -> tuple[list[str], dict | None]:
@@ -330,6 +338,55 @@ def mixture_weights(weights: dict[str, float], tasks: list[str]) -> np.ndarray:
     return w
 
 
+class Neighbours:
+    """The ``input_key`` and ``demo_source`` of the samples in one task's reservoir, slot by
+    slot, so that the nearest demonstrations of a sample are one product of a matrix
+    (``shot_select='nearest'``). A slot is keyed the first time its sample is drawn (a key
+    costs nothing to compute then: the sample's spans are at hand) and forgotten when a new
+    read replaces it, so the candidates are the reservoir's samples drawn before."""
+
+    def __init__(self, cap: int):
+        self.keys: np.ndarray | None = None  # [cap, key length], made with the first key
+        self.ok = np.zeros(cap, dtype=bool)
+        self.sources = np.full((cap, 2), None, dtype=object)  # demo_source: (group, answer)
+
+    def forget(self, j: int) -> None:
+        self.ok[j] = False
+
+    def remove(self, j: int) -> None:
+        """Slot ``j``'s sample left the reservoir (``list.pop(j)``): later slots move down."""
+        self.ok[j:-1] = self.ok[j + 1:].copy()
+        self.ok[-1] = False
+        self.sources[j:-1] = self.sources[j + 1:].copy()
+        self.sources[-1] = None
+        if self.keys is not None:
+            self.keys[j:-1] = self.keys[j + 1:].copy()
+
+    def remember(self, j: int, key: np.ndarray | None, source) -> None:
+        if self.ok[j] or key is None:
+            return
+        if self.keys is None:
+            self.keys = np.zeros((len(self.ok), len(key)), dtype=np.float32)
+        if len(key) != self.keys.shape[1]:
+            return  # inputs of another shape than the task's others: never a neighbour
+        self.keys[j], self.ok[j] = key, True
+        self.sources[j] = source
+
+    def nearest(self, j: int, n: int) -> list[int]:
+        """The slots of the ``n`` keyed samples nearest slot ``j``'s (nearest first), never
+        ``j`` itself nor one that shares its source; [] when ``j`` is not keyed."""
+        if not self.ok[j] or n < 1:
+            return []
+        ok = self.ok.copy()
+        ok[j] = False
+        for col, mine in enumerate(self.sources[j]):  # shares_source, for every slot at once
+            if mine is not None:
+                ok &= self.sources[:, col] != mine
+        cands = np.flatnonzero(ok)
+        sims = self.keys[cands] @ self.keys[j]
+        return cands[np.argsort(-sims, kind="stable")[:n]].tolist()
+
+
 class StreamDataset(IterableDataset):
     """An endless, seeded, packed stream of Batches for one rank (see the module docstring).
 
@@ -352,8 +409,6 @@ class StreamDataset(IterableDataset):
     def __init__(self, cfg: DataConfig, toks: Tokenizers, tasks: list[str],
                  rank: int | None = None, world_size: int | None = None, split: str | None = None,
                  split_by: str = "shards"):
-        from .tasks import declarations
-
         self.cfg, self.toks, self.tasks = cfg, toks, list(tasks)
         self.task_index = {t: i for i, t in enumerate(self.tasks)}
         # what the registry holds (a --tasks_file's tasks too), registered again in every
@@ -436,8 +491,6 @@ class StreamDataset(IterableDataset):
         return epoch, role, len(range(role, done, n))
 
     def __iter__(self) -> Iterator[Batch]:
-        from .tasks import register_declared
-
         info = get_worker_info()
         if info is not None:  # idempotent: a forked worker has them all already
             register_declared(self.task_decls, source="the training data stream")
@@ -544,6 +597,7 @@ class StreamDataset(IterableDataset):
         packer = Packer(self.cfg.seq_len, self.cfg.batch_size)
         cap = max(1, self.cfg.shuffle_buffer)
         reservoirs: list[list[dict]] = [[] for _ in self.tasks]
+        near = [Neighbours(cap) for _ in self.tasks]  # their keys, for shot_select='nearest'
         seen = np.zeros(len(self.tasks), dtype=np.int64)
         reads = self.samples(self.worker_shards(worker, num_workers), rng, stats)
         credit = 0.0
@@ -566,6 +620,7 @@ class StreamDataset(IterableDataset):
                 j = int(rng.integers(seen[i]))
                 if j < cap:
                     reservoirs[i][j] = raw
+                    near[i].forget(j)
 
         for _ in range(cap):  # warm up: the first reads fill the reservoirs
             read_one()
@@ -581,7 +636,8 @@ class StreamDataset(IterableDataset):
                 continue
             p = self.weights * present
             i = int(rng.choice(len(p), p=p / p.sum()))
-            raw = reservoirs[i][int(rng.integers(len(reservoirs[i])))]
+            slot = int(rng.integers(len(reservoirs[i])))
+            raw = reservoirs[i][slot]
             try:
                 sample = decode_sample(raw)
                 if self.augment[i]:
@@ -592,15 +648,19 @@ class StreamDataset(IterableDataset):
                     spans = self._control_with_shots(sample, raw, i, reservoirs[i], rng, stats)
                 else:
                     spans = task.to_spans(sample, self.toks, rng, max_len=self.cfg.seq_len)
+                    if not control and self.cfg.shot_share > 0 and self.shots_ok[i] \
+                            and self.cfg.shot_select == "nearest" and not near[i].ok[slot]:
+                        near[i].remember(slot, input_key(spans), demo_source(task, sample))
                 if self.augment[i] and self.cfg.spec_augment:
                     spans = [dataclasses.replace(s, features=spec_augment(s.features, self.toks.audio.n_mels, rng))
                              if s.modality == "audio" else s for s in spans]
             except BadSample as e:
                 self._bad(stats, raw["__per_shard__"], e.reason, raw)
-                reservoirs[i].remove(raw)  # never draw a bad sample twice
+                reservoirs[i].pop(slot)  # never draw a bad sample twice
+                near[i].remove(slot)
                 continue
             if not control and self._draw_shots(i, rng):
-                spans = self._with_shots(spans, i, reservoirs[i], rng, stats)
+                spans = self._with_shots(spans, i, reservoirs[i], rng, stats, near[i], slot)
             stats["used"] += 1
             for batch in packer.add(spans, i):
                 batch.stats = dict(stats, packing_efficiency=packer.efficiency, worker=worker)
@@ -676,16 +736,23 @@ class StreamDataset(IterableDataset):
         return raw["__demo__"]
 
     def _with_shots(self, spans: list, i: int, reservoir: list[dict], rng: np.random.Generator,
-                    stats: Counter) -> list:
-        """``spans`` behind 1..max_shots demonstrations drawn from the task's reservoir, as
-        many as fit in a row (``with_demos``, the form `--shots` prompts with)."""
+                    stats: Counter, near: Neighbours, slot: int) -> list:
+        """``spans`` (of ``reservoir[slot]``) behind 1..max_shots demonstrations from the
+        task's reservoir, as many as fit in a row (``with_demos``, the form `--shots` prompts
+        with): drawn at random, or (``shot_select='nearest'``) the nearest of the samples
+        drawn before (``Neighbours``), the nearest last, next to the query, as ``DemoPool``
+        chooses them at evaluation."""
         task = get_task(self.tasks[i])
         budget = self.cfg.seq_len - sample_length(spans)
+        n = int(rng.integers(1, self.cfg.max_shots + 1))
+        if self.cfg.shot_select == "nearest":
+            picks = [reservoir[j] for j in near.nearest(slot, n)]
+        else:
+            picks = [reservoir[int(rng.integers(len(reservoir)))] for _ in range(n)]
         demos = []
-        for _ in range(int(rng.integers(1, self.cfg.max_shots + 1))):
-            raw = reservoir[int(rng.integers(len(reservoir)))]
+        for pick in picks:
             try:
-                demo = task.to_spans(decode_sample(raw), self.toks, rng)[1:]
+                demo = task.to_spans(decode_sample(pick), self.toks, rng)[1:]
             except BadSample:
                 continue  # counted when drawn as a sample of its own
             if sample_length(demo) > budget:
@@ -695,7 +762,7 @@ class StreamDataset(IterableDataset):
         if not demos:
             return spans
         stats["with_shots"] += 1
-        return with_demos(spans, demos)
+        return with_demos(spans, demos[::-1])  # the nearest last
 
     def _bad(self, stats: Counter, per_shard: Counter, reason: str, raw: dict) -> None:
         stats[f"skipped_{reason}"] += 1

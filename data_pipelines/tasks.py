@@ -129,6 +129,125 @@ def with_demos(query: list[Span], demos: list[list[Span]]) -> list[Span]:
 
 
 # --------------------------------------------------------------------------------------
+# choosing demonstrations close to the query (kNN prompting, Liu et al. 2022)
+# --------------------------------------------------------------------------------------
+SHOT_SELECTS = ("nearest", "random")
+"""How demonstrations are chosen: the train samples whose inputs are closest to the query's
+(``input_key``), or at random."""
+KEY_BINS = 512
+"""Hashed bins of a discrete input's token unigrams and bigrams in its ``input_key``."""
+KEY_RUNS = 4
+"""Equal runs of a continuous input's vectors whose means make its ``input_key``."""
+
+
+def input_key(spans: list[Span]) -> np.ndarray | None:
+    """A unit vector of a sample's inputs, so that samples with similar inputs have a large
+    dot product: the spans after ``<bos>`` and the instruction up to the first target (the
+    answer), markers left out. Each input counts equally: a discrete one (text, code) is its
+    token unigrams and bigrams hashed into ``KEY_BINS`` bins; a continuous one (image
+    patches, audio frames) the means of ``KEY_RUNS`` equal runs of its vectors (a digit
+    image's four patches, a clip's beginning to end), centred; each is scaled to unit length,
+    then the whole. None for a sample without inputs."""
+    end = next((i for i, s in enumerate(spans) if s.is_target), len(spans))
+    parts = []
+    for s in spans[2:end]:
+        if s.modality == "special" or len(s) == 0:
+            continue
+        if s.ids is not None:
+            v = np.zeros(KEY_BINS)
+            grams = [s.ids, s.ids[:-1] * 1_000_003 + s.ids[1:]]  # unigrams, bigrams
+            for g in grams:
+                np.add.at(v, (g * 2_654_435_761) % (1 << 32) % KEY_BINS, 1.0)
+        else:
+            runs = np.array_split(np.arange(len(s.features)), KEY_RUNS)
+            v = np.concatenate([s.features[r].mean(0) if len(r) else np.zeros(s.features.shape[1])
+                                for r in runs]).astype(np.float64)
+            v -= v.mean()
+        norm = np.linalg.norm(v)
+        if norm > 0:
+            parts.append(v / norm)
+    if not parts:
+        return None
+    v = np.concatenate(parts)
+    return (v / np.linalg.norm(v)).astype(np.float32)
+
+
+def demo_source(task: Task, sample: dict) -> tuple[Any, Any]:
+    """What a demonstration must not share with its query: the source group (``json.group``)
+    and, for a task scored on its answer's text rather than on a label, the answer. No test
+    item shares either with the train split (``unimodal data check``), so training rows
+    obey the same rule: the model is never taught to copy a demonstration's answer whole."""
+    meta = sample.get("json") or {}
+    group = meta.get("group") if isinstance(meta.get("group"), str) else None
+    if task.metric == "accuracy":
+        return group, None
+    try:
+        return group, task.answer(sample)
+    except BadSample:
+        return group, None
+
+
+def shares_source(a: tuple[Any, Any], b: tuple[Any, Any]) -> bool:
+    """Whether two ``demo_source`` pairs share a group or an answer."""
+    return any(x is not None and x == y for x, y in zip(a, b))
+
+
+def rank_nearest(query: np.ndarray, keys: list[np.ndarray | None], k: int) -> list[int]:
+    """The indices of the ``k`` keys nearest ``query`` (largest dot product first; keys of
+    another length or None never)."""
+    idx = [i for i, key in enumerate(keys) if key is not None and len(key) == len(query)]
+    if not idx:
+        return []
+    sims = np.stack([keys[i] for i in idx]) @ query
+    return [idx[j] for j in np.argsort(-sims, kind="stable")[:k]]
+
+
+class DemoPool:
+    """Train samples of one sample task that demonstrations are chosen from.
+
+    ``choose(query, k)`` gives the ``k`` demonstrations of a query, the nearest last (next to
+    the query, so that ``Unimodal.prompt``, which drops the first ones when the context is
+    full, keeps it): with ``select='nearest'`` the samples whose ``input_key`` is closest to
+    the query's, never one that shares its source (``demo_source``); with 'random' a draw
+    seeded by ``seed`` and ``index`` (the query's place), so one query gets the same draw at
+    every k and 1 shot's demonstration is also 3 shots' nearest. Samples that cannot be laid
+    out are left out of the pool."""
+
+    def __init__(self, task: Task, samples: list[dict], toks: Tokenizers, select: str = "nearest"):
+        if select not in SHOT_SELECTS:
+            raise ValueError(f"shot select must be one of {SHOT_SELECTS}, got {select!r}")
+        self.task, self.toks, self.select = task, toks, select
+        self.samples, self.keys, self.sources = [], [], []
+        for s in samples:
+            try:
+                key = input_key(task.to_spans(s, toks)) if select == "nearest" else None
+            except BadSample:
+                continue
+            self.samples.append(s)
+            self.keys.append(key)
+            self.sources.append(demo_source(task, s))
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def choose(self, query: dict, k: int, seed: int = 0, index: int = 0) -> list[dict]:
+        if k <= 0 or not self.samples:
+            return []
+        if self.select == "random":
+            draw = np.random.default_rng([seed, index]).permutation(len(self.samples))[:k]
+            return [self.samples[i] for i in reversed(draw)]
+        try:
+            key = input_key(self.task.prompt_spans(query, self.toks))
+        except BadSample:  # the query's own fault, reported where it is answered
+            return []
+        if key is None:
+            return []
+        src = demo_source(self.task, query)
+        keys = [None if shares_source(src, s) else key_ for key_, s in zip(self.keys, self.sources)]
+        return [self.samples[i] for i in reversed(rank_nearest(key, keys, k))]
+
+
+# --------------------------------------------------------------------------------------
 # declared tasks: instruction, inputs, target, metric
 # --------------------------------------------------------------------------------------
 MEDIA_MEMBERS = {"image": ("png", "jpg", "jpeg"), "audio": ("flac", "wav", "ogg")}

@@ -432,8 +432,9 @@ def test_evaluate_known_metrics_with_a_uniform_model(toks, shards):
 
 
 def test_few_shot_rows_use_nested_train_demonstrations(um, tmp_path, monkeypatch):
-    """--shots 0 1 3: the first items of a task scored behind k demonstrations drawn from the
-    train split, the 1-shot one being the 3-shot ones' first; 0 shots equals the plain score."""
+    """--shots 0 1 3: the first items of a task scored behind k demonstrations from the train
+    split, the 1-shot one being the 3-shot ones' last (the nearest, next to the query); 0 shots
+    equals the plain score."""
     pairs = [("one", "un"), ("two", "deux"), ("three", "trois"), ("four", "quatre"), ("five", "cinq"),
              ("six", "six")]
     splits = {}
@@ -460,7 +461,7 @@ def test_few_shot_rows_use_nested_train_demonstrations(um, tmp_path, monkeypatch
     assert set(by_query) == {"four", "five"}  # the first 2 test items
     for query, calls in by_query.items():
         one, three = sorted(calls, key=len)
-        assert len(one) == 1 and len(three) == 3 and three[0] == one[0]
+        assert len(one) == 1 and len(three) == 3 and three[-1] == one[0]
         assert set(three) <= {s for s, _ in pairs[:5]}  # demonstrations come from train only
     full = evaluate(um, str(tmp_path), tasks=["text.translate.en-fr"], max_samples_per_task=2)
     assert m["shots"]["0"]["exact_match"] == full["tasks"]["text.translate.en-fr"]["exact_match"]

@@ -8,7 +8,7 @@ from itertools import islice
 import numpy as np
 import pytest
 
-from unimodal.data_pipelines.loader import DataConfig, StreamDataset, decode_sample
+from unimodal.data_pipelines.loader import DataConfig, Neighbours, StreamDataset, decode_sample
 from unimodal.data_pipelines.tasks import get_task
 
 from conftest import tiny_unimodal
@@ -49,7 +49,7 @@ def test_training_context_is_the_prompt_few_shot_prompting_builds(shard_dir, tok
     """The k-shot training form of a sample, cut before its answer, is exactly the prompt
     Unimodal.prompt builds from the same demonstrations."""
     um = tiny_unimodal(toks, tmp_path / "m.ckpt", TASKS, seq_len=256)
-    ds = StreamDataset(cfg(shard_dir, shot_share=1.0, seq_len=256), toks, TASKS, 0, 1)
+    ds = StreamDataset(cfg(shard_dir, shot_share=1.0, seq_len=256, shot_select="random"), toks, TASKS, 0, 1)
     task = get_task("text.translate.en-fr")
     reads = (r for r, _ in ds.samples(ds.urls, np.random.default_rng(0), Counter()))
     raws = list(islice((r for r in reads if b"en-fr" in (r.get("json") or b"")), 4))
@@ -58,7 +58,7 @@ def test_training_context_is_the_prompt_few_shot_prompting_builds(shard_dir, tok
     spans = task.to_spans(query, toks)
     rng = np.random.default_rng(3)
     trained = ds._with_shots(spans, TASKS.index("text.translate.en-fr"), [dict(r) for r in raws[1:2]], rng,
-                             Counter())
+                             Counter(), Neighbours(1), 0)
     # every demonstration's answer is a target too, as in its own training form
     k, rest = divmod(sum(s.is_target for s in trained), sum(s.is_target for s in spans))
     assert rest == 0 and 2 <= k <= 4  # the query and 1..3 demonstrations (one reservoir item here)
@@ -262,3 +262,147 @@ def test_evaluate_scores_control_behind_0_1_and_3_demonstrations(ctl_shards, tok
     zero = evaluate(um, str(ctl_shards), tasks=[CART], episodes=3, shots=(0,))
     assert none["tasks"][CART]["per_item"] == zero["tasks"][CART]["per_item"] == m["per_item"]
     assert "shots" not in zero["tasks"][CART]
+
+
+# --------------------------------------------------------------------------------------
+# demonstrations chosen near the query (shot_select="nearest")
+# --------------------------------------------------------------------------------------
+EN_FR = "text.translate.en-fr"
+
+
+def pair(src: str, tgt: str, group: str) -> dict:
+    return {"json": {"task": EN_FR, "src": src, "tgt": tgt, "group": group}}
+
+
+NUMBERS = [pair("three hundred and twenty-one", "trois cent vingt et un", "num-321"),
+           pair("five thousand", "cinq mille", "num-5000"),
+           pair("three hundred and twenty two", "trois cent vingt-deux", "num-322"),  # the query's group
+           pair("two hundred and twenty-two", "deux cent vingt-deux", "num-222"),
+           pair("eight", "huit", "num-8"),
+           pair("three hundred and twenty-three", "trois cent vingt-trois", "num-323")]
+QUERY = pair("three hundred and twenty-two", "trois cent vingt-deux", "num-322")
+
+
+def _cosine(toks, a: str, b: str) -> float:
+    """The closeness the key approximates, computed exactly (no hashing): the cosine of two
+    sources' counts of token unigrams and bigrams."""
+    def grams(text):
+        ids = toks.text.encode(text).ids.tolist()
+        return Counter(ids) + Counter(zip(ids, ids[1:]))
+    ga, gb = grams(a), grams(b)
+    dot = sum(v * gb[k] for k, v in ga.items())
+    return dot / np.sqrt(sum(v * v for v in ga.values()) * sum(v * v for v in gb.values()))
+
+
+def test_the_input_key_ranks_inputs_as_their_shared_tokens_do(toks):
+    from unimodal.data_pipelines.tasks import input_key, rank_nearest
+
+    task = get_task(EN_FR)
+    keys = [input_key(task.to_spans(s, toks)) for s in NUMBERS]
+    q = input_key(task.prompt_spans(QUERY, toks))
+    assert all(abs(np.linalg.norm(k) - 1) < 1e-5 for k in keys)
+    order = rank_nearest(q, keys, len(keys))
+    closeness = [_cosine(toks, QUERY["json"]["src"], NUMBERS[i]["json"]["src"]) for i in order]
+    assert closeness == sorted(closeness, reverse=True)  # nearest first, as the exact cosine says
+    assert order[-2:] in ([1, 4], [4, 1])  # "five thousand" and "eight" share nothing
+    # a key of another length (other inputs) is never a neighbour
+    assert rank_nearest(q, [np.ones(3, np.float32), None], 2) == []
+
+
+def test_an_image_key_finds_the_image_it_was_cut_from(toks):
+    """Continuous inputs: a noisy copy of an image is nearer to it than any other image."""
+    from unimodal.data_pipelines.tasks import input_key, rank_nearest
+
+    from conftest import png_bytes
+    rng = np.random.default_rng(0)
+    pixels = [rng.integers(0, 255, (8, 8)) for _ in range(6)]
+    task = get_task("image.classify")
+
+    def key(p):
+        return input_key(task.prompt_spans({"png": png_bytes(p), "json": {"label": "x"}}, toks))
+
+    keys = [key(p) for p in pixels]
+    for i, p in enumerate(pixels):
+        noisy = np.clip(p + rng.integers(-20, 21, p.shape), 0, 255)
+        assert rank_nearest(key(noisy), keys, 1) == [i]
+
+
+def test_the_pool_gives_the_nearest_demonstrations_last_never_the_querys_source(toks):
+    from unimodal.data_pipelines.tasks import DemoPool
+
+    pool = DemoPool(get_task(EN_FR), NUMBERS, toks)
+    three = [d["json"]["group"] for d in pool.choose(QUERY, 3)]
+    one = [d["json"]["group"] for d in pool.choose(QUERY, 1)]
+    assert "num-322" not in three  # the query's own number (another spelling) is never shown
+    assert three[-1] in ("num-321", "num-323") and one == three[-1:]  # the nearest next to the query
+    assert {"num-5000", "num-8"}.isdisjoint(three)
+    # an answer the query shares is excluded too, whatever the group says
+    twin = pair("three hundred twenty-two", "trois cent vingt-deux", "other")
+    assert twin not in DemoPool(get_task(EN_FR), NUMBERS + [twin], toks).choose(QUERY, 5)
+    # a random draw: the same for one item at every k, 1 shot's among 3 shots'
+    rnd = DemoPool(get_task(EN_FR), NUMBERS, toks, "random")
+    assert rnd.choose(QUERY, 1, seed=0, index=7) == rnd.choose(QUERY, 3, seed=0, index=7)[-1:]
+    with pytest.raises(ValueError, match="shot select"):
+        DemoPool(get_task(EN_FR), NUMBERS, toks, "closest")
+
+
+def test_neighbours_follow_the_reservoir_slot_by_slot():
+    def unit(*v):
+        v = np.asarray(v, np.float32)
+        return v / np.linalg.norm(v)
+
+    near = Neighbours(4)
+    near.remember(0, unit(1, 0), ("g0", None))
+    near.remember(1, unit(1, 0.1), ("g1", None))
+    near.remember(2, unit(0, 1), ("g2", None))
+    near.remember(3, unit(1, 0.05), ("g0", None))  # the query's group: never its neighbour
+    assert near.nearest(0, 3) == [1, 2]
+    assert near.nearest(1, 1) == [3]
+    near.forget(1)  # a new read took slot 1: not a candidate until it is drawn and keyed
+    assert near.nearest(0, 3) == [2]
+    near.remove(2)  # the reservoir popped slot 2: slot 3 moves to 2
+    assert near.nearest(2, 3) == [] and near.ok.tolist() == [True, False, True, False]
+    assert near.nearest(0, 3) == [] and near.sources[2].tolist() == ["g0", None]
+
+
+def test_training_rows_put_the_nearest_drawn_samples_before_the_query(toks, tmp_path):
+    """With shot_select='nearest' the demonstrations of a training row are the reservoir's
+    nearest keyed samples, the nearest last, as DemoPool chooses them at evaluation."""
+    from conftest import write_shards
+    from unimodal.data_pipelines.tasks import DemoPool, special
+
+    write_shards(tmp_path, [{"__key__": f"n{i}", **s} for i, s in enumerate(NUMBERS + [QUERY])], per_shard=10)
+    ds = StreamDataset(cfg(tmp_path, shot_share=1.0, seq_len=256, max_shots=3), toks, [EN_FR], 0, 1)
+    raws = _raw_translations(ds)
+    reservoir = [dict(r) for r in raws]
+    near = Neighbours(len(reservoir))
+    task = get_task(EN_FR)
+    from unimodal.data_pipelines.tasks import demo_source, input_key
+    for j, r in enumerate(reservoir):
+        s = decode_sample(r)
+        near.remember(j, input_key(task.to_spans(s, toks)), demo_source(task, s))
+    q = next(j for j, r in enumerate(reservoir) if decode_sample(r)["json"] == QUERY["json"])
+    spans = task.to_spans(decode_sample(reservoir[q]), toks)
+    sep = special("<eos>").ids[0]
+    for seed in range(6):
+        rng = np.random.default_rng(seed)
+        n = int(np.random.default_rng(seed).integers(1, 4))  # the row's number of demonstrations
+        row = ds._with_shots(spans, 0, reservoir, rng, Counter(), near, q)
+        expected = DemoPool(task, [decode_sample(r) for r in reservoir], toks).choose(decode_sample(reservoir[q]), n)
+        demos = [task.to_spans(d, toks)[1:] for d in expected]
+        assert [s.ids.tolist() for s in row if s.ids is not None] == \
+            [s.ids.tolist() for s in [spans[0], *[x for d in demos for x in d], *spans[1:]] if s.ids is not None]
+        assert sum(int((s.ids == sep).sum()) for s in row if s.modality == "special") == n + 1
+
+
+def _raw_translations(ds) -> list[dict]:
+    out = {}
+    for raw, _ in ds.samples(ds.urls, np.random.default_rng(0), Counter()):
+        if raw["__key__"] in out:
+            return list(out.values())
+        out[raw["__key__"]] = raw
+
+
+def test_shot_select_is_checked():
+    with pytest.raises(ValueError, match="shot_select"):
+        DataConfig(shot_select="closest")

@@ -199,6 +199,8 @@ def cmd_prompt(argv: list[str]) -> int:
     p.add_argument("--obs", help="a control observation as JSON, e.g. '[0.01, 0.2, -0.03, 0.1]'")
     p.add_argument("--shots", type=int, default=0, help="demonstrations of the task from the training split")
     p.add_argument("--shards", help="shard folder for --shots (default: the checkpoint's training data)")
+    p.add_argument("--shot-select", choices=("nearest", "random"), default="nearest",
+                   help="the train samples whose inputs are nearest the query's, or a random draw")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=None)
@@ -209,7 +211,7 @@ def cmd_prompt(argv: list[str]) -> int:
 
     from unimodal.errors import InputError
     from unimodal.generate import Unimodal
-    from unimodal.inputs import prompt_sample
+    from unimodal.inputs import prompt_sample, resolve_task
 
     if args.threads:
         import torch
@@ -231,15 +233,20 @@ def cmd_prompt(argv: list[str]) -> int:
         if args.task is None:
             raise InputError("--shots needs --task (demonstrations are samples of a task)")
         from unimodal.data_pipelines.loader import iter_split
+        from unimodal.data_pipelines.tasks import DemoPool
+        from unimodal.evaluate import SHOT_POOL
         shards = args.shards or (um.config.get("data") or {}).get("shards")
         if not shards:
             raise InputError("--shots needs --shards (the checkpoint does not say where its data is)")
+        pool = []
         for s in iter_split(shards, "train", [args.task]):
-            shots.append(s)
-            if len(shots) == args.shots:
+            pool.append(s)
+            if len(pool) == SHOT_POOL:
                 break
-        if len(shots) < args.shots:
-            raise InputError(f"{shards} has only {len(shots)} train samples of {args.task}")
+        if len(pool) < args.shots:
+            raise InputError(f"{shards} has only {len(pool)} train samples of {args.task}")
+        shots = DemoPool(resolve_task(args.task), pool, um.toks, args.shot_select).choose(sample, args.shots,
+                                                                                         seed=args.seed or 0)
     answer = um.answer(args.task, sample, shots, max_new_tokens=args.max_new_tokens,
                        temperature=args.temperature, top_k=args.top_k, seed=args.seed)
     if args.json:
@@ -269,6 +276,9 @@ def cmd_eval(argv: list[str]) -> int:
                         "and every control episode, behind this many demonstrations from the train split "
                         "(control: expert episodes' last timesteps; e.g. --shots 0 1 3)")
     p.add_argument("--shot-samples", type=int, default=100, help="items per task scored with demonstrations")
+    p.add_argument("--shot-select", choices=("nearest", "random"), default="nearest",
+                   help="demonstrations of a sample task: the train samples whose inputs are nearest the "
+                        "item's (never one of its source group or with its answer), or a random draw")
     p.add_argument("--out", help="write the results as JSON here ({'tasks': {name: {metric: value, "
                    "'n': .., 'ci95': .., 'breakdown': ..}}, 'summary': ..})")
     p.add_argument("--progress", action="store_true", help="progress bars on stderr")
@@ -289,7 +299,8 @@ def cmd_eval(argv: list[str]) -> int:
         raise InputError("--shards is needed: the checkpoint does not say where its data is")
     results = evaluate(um, shards, split=args.split, tasks=args.tasks, episodes=args.episodes,
                        seed=args.seed, max_samples_per_task=args.max_samples, progress=args.progress,
-                       batch_size=args.batch_size, shots=args.shots, shot_samples=args.shot_samples)
+                       batch_size=args.batch_size, shots=args.shots, shot_samples=args.shot_samples,
+                       shot_select=args.shot_select)
     print(markdown_table(results))
     if args.out:
         write_json(results, args.out)

@@ -65,7 +65,7 @@ from unimodal.data_pipelines import control as ctl
 from unimodal.tokenizers.files import atomic_write
 from unimodal.data_pipelines.loader import iter_split, resolve_shards
 from unimodal.data_pipelines.packing import sample_length
-from unimodal.data_pipelines.tasks import BadSample, Control, get_task
+from unimodal.data_pipelines.tasks import BadSample, Control, DemoPool, get_task
 from unimodal.errors import InputError
 from unimodal.generate import Unimodal
 from unimodal.inputs import resolve_task
@@ -479,7 +479,7 @@ def evaluate(model: Unimodal, shards: str, split: str = "test", tasks: Sequence[
              episodes: int = 20, seed: int = ctl.EVAL_SEED_START,
              max_samples_per_task: int | None = None, progress: bool = False,
              batch_size: int = 32, examples: dict | None = None, shots: Sequence[int] = (0,),
-             shot_samples: int = 100) -> dict:
+             shot_samples: int = 100, shot_select: str = "nearest") -> dict:
     """Every task's metrics of ``model`` on a shard split, plus control roll-outs.
 
     Args:
@@ -496,8 +496,9 @@ def evaluate(model: Unimodal, shards: str, split: str = "test", tasks: Sequence[
         examples: if given, filled with ``{task: [(sample, prediction, reference), ...]}``
             (the first few of each task, inputs included) for logging.
         shots: numbers of demonstrations to also score the first ``shot_samples`` items of
-            each trained sample task with (e.g. (0, 1, 3)); the demonstrations are drawn
-            from the train split, the same first ones for every k, and land in
+            each trained sample task with (e.g. (0, 1, 3)); the demonstrations come from
+            the train split (``shot_select``: the k whose inputs are nearest each item's,
+            or a draw; ``DemoPool``), the k of a smaller k among a larger k's, and land in
             ``tasks[name]["shots"][str(k)]`` with n and intervals, and the ``items`` scored
             with their ``per_item`` scores (for paired comparisons across k). Control tasks
             roll their episodes out behind k expert train episodes' last timesteps
@@ -578,7 +579,7 @@ def evaluate(model: Unimodal, shards: str, split: str = "test", tasks: Sequence[
                                                         sorted(set(shots)), results[name])
             else:
                 results[name]["shots"] = _few_shot(model, name, by_task[name][:shot_samples], pools[name],
-                                                   sorted(set(shots)), batch_size, seed)
+                                                   sorted(set(shots)), batch_size, seed, shot_select)
     finally:
         bar.close()
 
@@ -586,6 +587,7 @@ def evaluate(model: Unimodal, shards: str, split: str = "test", tasks: Sequence[
         "checkpoint": model.path, "shards": str(shards), "split": split, "seed": seed,
         "episodes": episodes, "max_samples_per_task": max_samples_per_task,
         "shots": list(shots), "shot_samples": shot_samples, "shot_pool": SHOT_POOL,
+        "shot_select": shot_select,
         "device": str(model.device), "params": model.model.num_params(),
         "tokenizers_hash": model.toks.hash, "trained_tasks": model.tasks,
         "tasks": meta_tasks, "control_baselines": baselines,
@@ -599,7 +601,7 @@ def evaluate(model: Unimodal, shards: str, split: str = "test", tasks: Sequence[
     return {"tasks": results, "summary": summary(results), "meta": meta}
 
 
-SHOT_POOL = 200  # train samples per task the demonstrations are drawn from
+SHOT_POOL = 5000  # train samples per task the demonstrations are chosen from
 
 
 def _shot_task(name: str, um: Unimodal) -> bool:
@@ -658,18 +660,19 @@ def chrf_of_statistics(stats: np.ndarray) -> float:
 
 
 def _few_shot(um: Unimodal, name: str, samples: list[dict], pool: list[dict], ks: Sequence[int],
-              batch_size: int, seed: int) -> dict[str, dict]:
-    """The task's headline metric on ``samples`` with k = each of ``ks`` demonstrations: item
-    j's demonstrations are the first k of one fixed draw from ``pool`` (so 1 shot's is 3 shots'
-    first), with n and intervals, the ``items`` answered (indices into ``samples``) and their
-    ``per_item`` scores in that order (0/1 exact matches; ``chrf_statistics`` too for chrF)."""
-    draws = [np.random.default_rng([seed, j]).choice(len(pool), size=min(max(ks), len(pool)), replace=False)
-             for j in range(len(samples))]
+              batch_size: int, seed: int, select: str = "nearest") -> dict[str, dict]:
+    """The task's headline metric on ``samples`` with k = each of ``ks`` demonstrations from
+    ``pool`` (``DemoPool.choose``: the k nearest item j, or the first k of one draw; 1 shot's
+    is among 3 shots'), with n and intervals, the ``items`` answered (indices into
+    ``samples``) and their ``per_item`` scores in that order (0/1 exact matches;
+    ``chrf_statistics`` too for chrF)."""
+    demo_pool = DemoPool(get_task(name), pool, um.toks, select)
+    chosen = [demo_pool.choose(s, max(ks), seed, j) for j, s in enumerate(samples)]
     metric = get_task(name).metric
     index = {id(s): j for j, s in enumerate(samples)}
     out = {}
     for k in ks:
-        demos = (lambda j, k=k: [pool[i] for i in draws[j][:k]]) if k else None
+        demos = (lambda j, k=k: chosen[j][max(0, len(chosen[j]) - k):]) if k else None  # the k nearest
         preds, refs, kept = generate_answers(um, name, samples, batch_size, Counter(), demos=demos)
         order = sorted(range(len(kept)), key=lambda i: index[id(kept[i])])  # back to the items' order
         preds, refs = [preds[i] for i in order], [refs[i] for i in order]
