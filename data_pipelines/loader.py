@@ -76,7 +76,7 @@ from unimodal.tokenizers.vocab import Tokenizers
 
 from .packing import Batch, Packer, sample_length
 from .tasks import (MEDIA_MEMBERS, SHOT_SELECTS, BadSample, Control, declarations, demo_source, get_task, input_key,
-                    register_declared, with_demos)
+                    key_dots, register_declared, with_demos)
 
 RAW_MEMBERS = MEDIA_MEMBERS["image"] + MEDIA_MEMBERS["audio"]
 
@@ -383,7 +383,7 @@ class Neighbours:
             if mine is not None:
                 ok &= self.sources[:, col] != mine
         cands = np.flatnonzero(ok)
-        sims = self.keys[cands] @ self.keys[j]
+        sims = key_dots(self.keys[cands], self.keys[j])
         return cands[np.argsort(-sims, kind="stable")[:n]].tolist()
 
 

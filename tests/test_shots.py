@@ -406,3 +406,31 @@ def _raw_translations(ds) -> list[dict]:
 def test_shot_select_is_checked():
     with pytest.raises(ValueError, match="shot_select"):
         DataConfig(shot_select="closest")
+
+
+def test_prompt_shots_puts_the_nearest_train_samples_before_the_query(toks, tmp_path, monkeypatch, capsys):
+    """`unimodal prompt --shots 2`: the two train samples nearest the typed source, the
+    nearest last; --shot-select random draws others."""
+    import json
+
+    from conftest import write_shards
+    from unimodal.cli import main
+    from unimodal.generate import Unimodal
+
+    write_shards(tmp_path, [{"__key__": f"n{i}", **s} for i, s in enumerate(NUMBERS)], per_shard=10)
+    tiny_unimodal(toks, tmp_path / "m.ckpt", [EN_FR], seq_len=256)
+    (tmp_path / "text.model").write_bytes(toks.text.model_proto)
+    (tmp_path / "code.model").write_bytes(toks.code.model_proto)
+    seen = []
+    real = Unimodal.answer
+    monkeypatch.setattr(Unimodal, "answer", lambda self, task, sample, shots=(), **kw: (
+        seen.append([d["json"]["src"] for d in shots]), real(self, task, sample, shots, **kw))[1])
+    argv = ["prompt", "--ckpt", str(tmp_path / "m.ckpt"), "--task", EN_FR, "--text", QUERY["json"]["src"],
+            "--shards", str(tmp_path), "--shots", "2", "--max-new-tokens", "2", "--json"]
+    assert main(argv) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["shots"] == 2
+    by_cosine = sorted((n["json"]["src"] for n in NUMBERS), key=lambda src: -_cosine(toks, QUERY["json"]["src"], src))
+    assert seen[-1] == by_cosine[:2][::-1]  # a typed query has no group: any train sample may show
+    assert main(argv + ["--shot-select", "random", "--seed", "1"]) == 0 and len(seen[-1]) == 2
+    assert main(argv[:-5] + ["--shots", "9"]) == 2  # more than the train split holds: one line, exit 2
+    assert "has only 6 train samples" in capsys.readouterr().err
