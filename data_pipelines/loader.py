@@ -133,11 +133,13 @@ class DataConfig:
     (docs/data-format.md, control); 0: every sample alone."""
     max_shots: int = 3
     """Most demonstrations before one sample."""
-    shot_select: str = "nearest"
-    """Which samples of the task's reservoir demonstrate a (non-control) sample: 'nearest',
-    those whose inputs are closest to its own (``input_key``; never one that shares its
-    source group or, for tasks scored on their answer's text, its answer, as no test item
-    does), so that the model learns to use what demonstrations say; 'random', any."""
+    shot_select: str = "random"
+    """Which samples of the task's reservoir demonstrate a (non-control) sample: 'random',
+    any; 'nearest', those whose inputs are closest to its own (``input_key``; never one that
+    shares its source group or, for tasks scored on their answer's text, its answer, as no
+    test item does). In two main jobs nearest ones did not make demonstrations help, and
+    those runs' zero-shot scores were lower (docs/LOG.md, session 7), so random stays the
+    default."""
     spec_augment: bool = True
     """SpecAugment on training clips (two frequency bands of up to 8 mel channels and two
     time runs of up to 10% of the frames set to the clip's mean); validation never. With
@@ -747,8 +749,8 @@ class StreamDataset(IterableDataset):
         n = int(rng.integers(1, self.cfg.max_shots + 1))
         if self.cfg.shot_select == "nearest":
             picks = [reservoir[j] for j in near.nearest(slot, n)]
-        else:
-            picks = [reservoir[int(rng.integers(len(reservoir)))] for _ in range(n)]
+        else:  # drawn one by one, as long as they fit
+            picks = (reservoir[int(rng.integers(len(reservoir)))] for _ in range(n))
         demos = []
         for pick in picks:
             try:
@@ -762,7 +764,7 @@ class StreamDataset(IterableDataset):
         if not demos:
             return spans
         stats["with_shots"] += 1
-        return with_demos(spans, demos[::-1])  # the nearest last
+        return with_demos(spans, demos[::-1] if self.cfg.shot_select == "nearest" else demos)  # nearest last
 
     def _bad(self, stats: Counter, per_shard: Counter, reason: str, raw: dict) -> None:
         stats[f"skipped_{reason}"] += 1

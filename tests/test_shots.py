@@ -372,7 +372,8 @@ def test_training_rows_put_the_nearest_drawn_samples_before_the_query(toks, tmp_
     from unimodal.data_pipelines.tasks import DemoPool, special
 
     write_shards(tmp_path, [{"__key__": f"n{i}", **s} for i, s in enumerate(NUMBERS + [QUERY])], per_shard=10)
-    ds = StreamDataset(cfg(tmp_path, shot_share=1.0, seq_len=256, max_shots=3), toks, [EN_FR], 0, 1)
+    ds = StreamDataset(cfg(tmp_path, shot_share=1.0, seq_len=256, max_shots=3, shot_select="nearest"),
+                       toks, [EN_FR], 0, 1)
     raws = _raw_translations(ds)
     reservoir = [dict(r) for r in raws]
     near = Neighbours(len(reservoir))
@@ -427,10 +428,22 @@ def test_prompt_shots_puts_the_nearest_train_samples_before_the_query(toks, tmp_
         seen.append([d["json"]["src"] for d in shots]), real(self, task, sample, shots, **kw))[1])
     argv = ["prompt", "--ckpt", str(tmp_path / "m.ckpt"), "--task", EN_FR, "--text", QUERY["json"]["src"],
             "--shards", str(tmp_path), "--shots", "2", "--max-new-tokens", "2", "--json"]
-    assert main(argv) == 0
+    assert main(argv + ["--shot-select", "nearest"]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["shots"] == 2
     by_cosine = sorted((n["json"]["src"] for n in NUMBERS), key=lambda src: -_cosine(toks, QUERY["json"]["src"], src))
     assert seen[-1] == by_cosine[:2][::-1]  # a typed query has no group: any train sample may show
-    assert main(argv + ["--shot-select", "random", "--seed", "1"]) == 0 and len(seen[-1]) == 2
+    # the default is how the checkpoint was trained: this one says nothing, so a random draw
+    assert main(argv + ["--seed", "1"]) == 0 and main(argv + ["--shot-select", "random", "--seed", "1"]) == 0
+    assert seen[-1] == seen[-2] and len(seen[-1]) == 2
     assert main(argv[:-5] + ["--shots", "9"]) == 2  # more than the train split holds: one line, exit 2
     assert "has only 6 train samples" in capsys.readouterr().err
+
+
+def test_shots_are_chosen_as_the_checkpoint_was_trained(toks, tmp_path):
+    from unimodal.generate import Unimodal
+
+    um = tiny_unimodal(toks, tmp_path / "m.ckpt", [EN_FR], seq_len=64)
+    assert um.shot_select == "random"  # a checkpoint without data.shot_select
+    for select in ("nearest", "random"):
+        um2 = Unimodal(um.model, um.toks, [EN_FR], {"data": {"shot_select": select}})
+        assert um2.shot_select == select

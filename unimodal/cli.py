@@ -199,8 +199,9 @@ def cmd_prompt(argv: list[str]) -> int:
     p.add_argument("--obs", help="a control observation as JSON, e.g. '[0.01, 0.2, -0.03, 0.1]'")
     p.add_argument("--shots", type=int, default=0, help="demonstrations of the task from the training split")
     p.add_argument("--shards", help="shard folder for --shots (default: the checkpoint's training data)")
-    p.add_argument("--shot-select", choices=("nearest", "random"), default="nearest",
-                   help="the train samples whose inputs are nearest the query's, or a random draw")
+    p.add_argument("--shot-select", choices=("nearest", "random"), default=None,
+                   help="the train samples whose inputs are nearest the query's, or a random draw "
+                        "(default: as the checkpoint was trained, its data.shot_select)")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=None)
@@ -245,7 +246,7 @@ def cmd_prompt(argv: list[str]) -> int:
                 break
         if len(pool) < args.shots:
             raise InputError(f"{shards} has only {len(pool)} train samples of {args.task}")
-        shots = DemoPool(resolve_task(args.task), pool, um.toks, args.shot_select).choose(sample, args.shots,
+        shots = DemoPool(resolve_task(args.task), pool, um.toks, args.shot_select or um.shot_select).choose(sample, args.shots,
                                                                                          seed=args.seed or 0)
     answer = um.answer(args.task, sample, shots, max_new_tokens=args.max_new_tokens,
                        temperature=args.temperature, top_k=args.top_k, seed=args.seed)
@@ -276,9 +277,10 @@ def cmd_eval(argv: list[str]) -> int:
                         "and every control episode, behind this many demonstrations from the train split "
                         "(control: expert episodes' last timesteps; e.g. --shots 0 1 3)")
     p.add_argument("--shot-samples", type=int, default=100, help="items per task scored with demonstrations")
-    p.add_argument("--shot-select", choices=("nearest", "random"), default="nearest",
+    p.add_argument("--shot-select", choices=("nearest", "random"), default=None,
                    help="demonstrations of a sample task: the train samples whose inputs are nearest the "
-                        "item's (never one of its source group or with its answer), or a random draw")
+                        "item's (never one of its source group or with its answer), or a random draw "
+                        "(default: as the checkpoint was trained, its data.shot_select)")
     p.add_argument("--out", help="write the results as JSON here ({'tasks': {name: {metric: value, "
                    "'n': .., 'ci95': .., 'breakdown': ..}}, 'summary': ..})")
     p.add_argument("--progress", action="store_true", help="progress bars on stderr")
@@ -300,7 +302,7 @@ def cmd_eval(argv: list[str]) -> int:
     results = evaluate(um, shards, split=args.split, tasks=args.tasks, episodes=args.episodes,
                        seed=args.seed, max_samples_per_task=args.max_samples, progress=args.progress,
                        batch_size=args.batch_size, shots=args.shots, shot_samples=args.shot_samples,
-                       shot_select=args.shot_select)
+                       shot_select=args.shot_select or um.shot_select)
     print(markdown_table(results))
     if args.out:
         write_json(results, args.out)

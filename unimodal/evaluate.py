@@ -479,7 +479,7 @@ def evaluate(model: Unimodal, shards: str, split: str = "test", tasks: Sequence[
              episodes: int = 20, seed: int = ctl.EVAL_SEED_START,
              max_samples_per_task: int | None = None, progress: bool = False,
              batch_size: int = 32, examples: dict | None = None, shots: Sequence[int] = (0,),
-             shot_samples: int = 100, shot_select: str = "nearest") -> dict:
+             shot_samples: int = 100, shot_select: str | None = None) -> dict:
     """Every task's metrics of ``model`` on a shard split, plus control roll-outs.
 
     Args:
@@ -498,7 +498,8 @@ def evaluate(model: Unimodal, shards: str, split: str = "test", tasks: Sequence[
         shots: numbers of demonstrations to also score the first ``shot_samples`` items of
             each trained sample task with (e.g. (0, 1, 3)); the demonstrations come from
             the train split (``shot_select``: the k whose inputs are nearest each item's,
-            or a draw; ``DemoPool``), the k of a smaller k among a larger k's, and land in
+            or a draw, ``DemoPool``; default: as the model was trained, ``Unimodal.shot_select``),
+            the k of a smaller k among a larger k's, and land in
             ``tasks[name]["shots"][str(k)]`` with n and intervals, and the ``items`` scored
             with their ``per_item`` scores (for paired comparisons across k). Control tasks
             roll their episodes out behind k expert train episodes' last timesteps
@@ -514,6 +515,7 @@ def evaluate(model: Unimodal, shards: str, split: str = "test", tasks: Sequence[
     from tqdm import tqdm
 
     t_start = time.perf_counter()
+    shot_select = shot_select or model.shot_select
     _, manifest = resolve_shards(shards, split)
     if tasks is not None:
         for t in tasks:

@@ -23,7 +23,7 @@ import torch
 
 from unimodal.checkpoint import checkpoint_file, clean_state_dict, decoder_of, load_checkpoint, model_config_of, tokenizers_of
 from unimodal.data_pipelines.packing import sample_length
-from unimodal.data_pipelines.tasks import BadSample, Control, register_declared, with_demos
+from unimodal.data_pipelines.tasks import SHOT_SELECTS, BadSample, Control, register_declared, with_demos
 from unimodal.decoding import Engine
 from unimodal.errors import InputError
 from unimodal.inputs import resolve_device, resolve_task
@@ -54,6 +54,14 @@ class Unimodal(Engine):
         self.tasks = list(tasks)
         self.config = config or {}
         self.path: str | None = None
+
+    @property
+    def shot_select(self) -> str:
+        """How training chose demonstrations (``data.shot_select``; 'random' for a checkpoint
+        that does not say): ``--shots`` chooses them the same way unless told otherwise."""
+        data = self.config.get("data") if isinstance(self.config, dict) else None
+        select = (data or {}).get("shot_select")
+        return select if select in SHOT_SELECTS else "random"
 
     @classmethod
     def from_checkpoint(cls, path: str | os.PathLike, device: str | torch.device = "cpu") -> "Unimodal":
