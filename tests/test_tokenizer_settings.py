@@ -173,17 +173,20 @@ def test_the_loader_skips_and_counts_long_clips(built):
 
     out, m = built
     toks = load_tokenizers(str(out), m)
-    # augmentation off: the count climbs as the shards are re-read, and this stream (seed 0)
-    # is the one whose batches pass exactly 2; augmentation's draws change the order
+    # the count climbs each time the shards are re-read (a bad sample leaves the reservoir,
+    # and comes back with the next pass): each of the two long clips is skipped at most once
+    # per pass over the train split, and both are found
     cfg = DataConfig(shards=str(out), seq_len=128, batch_size=2, num_workers=0, shuffle_buffer=20,
                      batches_per_epoch=40, max_bad_fraction=0.9, spec_augment=False, speed_perturb=0.0)
+    total = m["splits"]["train"]["total"]
     stats = {}
     for batch in StreamDataset(cfg, toks, ["audio.transcribe"]):
         stats = batch.stats
-        if stats.get("skipped_audio_too_long") == 2:
+        assert stats.get("skipped_audio_too_long", 0) <= 2 * -(-stats["read"] // total)
+        if stats.get("skipped_audio_too_long", 0) >= 2:
             break
-    assert stats.get("skipped_audio_too_long") == 2  # the train split's two long clips, once each
-    assert stats["used"] > 0
+    assert stats.get("skipped_audio_too_long", 0) >= 2 and stats["used"] > 0
+    assert stats["skipped"] == stats["skipped_audio_too_long"]  # nothing else is bad
 
 
 def _tiny_um(toks: Tokenizers, tmp_path, tasks):
