@@ -137,9 +137,8 @@ class DataConfig:
     """Which samples of the task's reservoir demonstrate a (non-control) sample: 'random',
     any; 'nearest', those whose inputs are closest to its own (``input_key``; never one that
     shares its source group or, for tasks scored on their answer's text, its answer, as no
-    test item does). In two main jobs nearest ones did not make demonstrations help, and
-    those runs' zero-shot scores were lower (docs/LOG.md, session 7), so random stays the
-    default."""
+    test item does). In three main jobs nearest ones did not make demonstrations help
+    (docs/LOG.md, session 7), so random stays the default."""
     spec_augment: bool = True
     """SpecAugment on training clips (two frequency bands of up to 8 mel channels and two
     time runs of up to 10% of the frames set to the clip's mean); validation never. With
