@@ -79,8 +79,6 @@ from .tasks import (MEDIA_MEMBERS, SHOT_SELECTS, BadSample, Control, declaration
                     key_dots, register_declared, with_demos)
 
 RAW_MEMBERS = MEDIA_MEMBERS["image"] + MEDIA_MEMBERS["audio"]
-SHOT_LOSSES = ("all", "query")
-"""``DataConfig.shot_loss``: the answers of a row with demonstrations that are targets."""
 
 
 class DataError(RuntimeError):
@@ -141,10 +139,6 @@ class DataConfig:
     shares its source group or, for tasks scored on their answer's text, its answer, as no
     test item does). In three main jobs nearest ones did not make demonstrations help
     (docs/LOG.md, session 7), so random stays the default."""
-    shot_loss: str = "all"
-    """Which answers of a row with demonstrations are trained on: 'all' (the demonstrations'
-    too, as in their own training form; Gato trains on its prompts' actions) or 'query' (the
-    sample's own answer only, so the demonstrations are context alone)."""
     spec_augment: bool = True
     """SpecAugment on training clips (two frequency bands of up to 8 mel channels and two
     time runs of up to 10% of the frames set to the clip's mean); validation never. With
@@ -167,8 +161,6 @@ class DataConfig:
             raise ValueError(f"data.speed_perturb must be within 0..1, got {self.speed_perturb}")
         if self.max_shots < 1:
             raise ValueError(f"data.max_shots must be >= 1, got {self.max_shots}")
-        if self.shot_loss not in SHOT_LOSSES:
-            raise ValueError(f"data.shot_loss must be one of {', '.join(SHOT_LOSSES)}, got {self.shot_loss!r}")
         if self.shot_select not in SHOT_SELECTS:
             raise ValueError(f"data.shot_select must be one of {', '.join(SHOT_SELECTS)}, got {self.shot_select!r}")
 
@@ -725,7 +717,7 @@ class StreamDataset(IterableDataset):
                 query = task.to_spans(sample, self.toks, rng,
                                       max_len=self.cfg.seq_len - sum(map(sample_length, spans)))
                 stats["with_shots"] += 1
-                return with_demos(query, [self._context(d) for d in spans])
+                return with_demos(query, spans)
             except BadSample as e:
                 if e.reason != "too_long":
                     raise  # the live episode's own fault: skipped and counted as any bad sample
@@ -743,13 +735,6 @@ class StreamDataset(IterableDataset):
                 meta = None
             raw["__demo__"] = isinstance(meta, dict) and Control.is_demo({"json": meta})
         return raw["__demo__"]
-
-    def _context(self, demo: list) -> list:
-        """A demonstration's spans as the row trains them: as they are (``shot_loss='all'``)
-        or with no target (``'query'``)."""
-        if self.cfg.shot_loss == "all":
-            return demo
-        return [dataclasses.replace(s, is_target=False) if s.is_target else s for s in demo]
 
     def _with_shots(self, spans: list, i: int, reservoir: list[dict], rng: np.random.Generator,
                     stats: Counter, near: Neighbours, slot: int) -> list:
@@ -778,7 +763,6 @@ class StreamDataset(IterableDataset):
         if not demos:
             return spans
         stats["with_shots"] += 1
-        demos = [self._context(d) for d in demos]
         return with_demos(spans, demos[::-1] if self.cfg.shot_select == "nearest" else demos)  # nearest last
 
     def _bad(self, stats: Counter, per_shard: Counter, reason: str, raw: dict) -> None:

@@ -6,7 +6,6 @@ from collections import Counter
 from itertools import islice
 
 import numpy as np
-import torch
 import pytest
 
 from unimodal.data_pipelines.loader import DataConfig, Neighbours, StreamDataset, decode_sample
@@ -448,28 +447,3 @@ def test_shots_are_chosen_as_the_checkpoint_was_trained(toks, tmp_path):
     for select in ("nearest", "random"):
         um2 = Unimodal(um.model, um.toks, [EN_FR], {"data": {"shot_select": select}})
         assert um2.shot_select == select
-
-
-def test_shot_loss_query_trains_the_samples_own_answer_only(shard_dir, toks):
-    """--data.shot_loss query: the same rows, but the demonstrations' answers (and a control
-    demonstration's actions) are context, not targets."""
-    from unimodal.data_pipelines.tasks import special
-    eos = special("<eos>").ids[0]
-    rows = {}
-    for loss in ("all", "query"):
-        ds = StreamDataset(cfg(shard_dir, shot_share=1.0, seq_len=256, shot_loss=loss), toks, TASKS, 0, 1)
-        rows[loss] = take(ds)
-    for a, b in zip(rows["all"], rows["query"]):
-        assert torch.equal(a.ids, b.ids)  # the loss rule changes no input
-    targets = {k: sum(int((b.weights > 0).sum()) for b in v) for k, v in rows.items()}
-    assert targets["query"] < targets["all"]
-    # every sample of a 'query' row has one answer (one <eos> target) however many demonstrations it holds
-    for b in rows["query"]:
-        for r in range(b.ids.shape[0]):
-            sid = b.sample_ids[r]
-            for s in sid.unique().tolist():
-                if s >= 0:
-                    trained = b.targets[r][(sid == s) & (b.weights[r] > 0)]
-                    assert int((trained == eos).sum()) <= 1
-    with pytest.raises(ValueError, match="shot_loss"):
-        DataConfig(shot_loss="demos")
