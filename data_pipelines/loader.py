@@ -76,7 +76,7 @@ from unimodal.tokenizers.vocab import Tokenizers
 
 from .packing import Batch, Packer, sample_length
 from .tasks import (MEDIA_MEMBERS, SHOT_SELECTS, BadSample, Control, declarations, demo_source, get_task, input_key,
-                    key_dots, register_declared, with_demos)
+                    key_dots, register_declared, sharing_source, with_demos)
 
 RAW_MEMBERS = MEDIA_MEMBERS["image"] + MEDIA_MEMBERS["audio"]
 
@@ -378,11 +378,8 @@ class Neighbours:
         ``j`` itself nor one that shares its source; [] when ``j`` is not keyed."""
         if not self.ok[j] or n < 1:
             return []
-        ok = self.ok.copy()
+        ok = self.ok & ~sharing_source(self.sources, tuple(self.sources[j]))
         ok[j] = False
-        for col, mine in enumerate(self.sources[j]):  # shares_source, for every slot at once
-            if mine is not None:
-                ok &= self.sources[:, col] != mine
         cands = np.flatnonzero(ok)
         sims = key_dots(self.keys[cands], self.keys[j])
         return cands[np.argsort(-sims, kind="stable")[:n]].tolist()

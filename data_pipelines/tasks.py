@@ -187,9 +187,14 @@ def demo_source(task: Task, sample: dict) -> tuple[Any, Any]:
         return group, None
 
 
-def shares_source(a: tuple[Any, Any], b: tuple[Any, Any]) -> bool:
-    """Whether two ``demo_source`` pairs share a group or an answer."""
-    return any(x is not None and x == y for x, y in zip(a, b))
+def sharing_source(sources: np.ndarray, mine: tuple[Any, Any]) -> np.ndarray:
+    """Which rows of ``sources`` (object [n, 2] of ``demo_source`` pairs) share a group or an
+    answer with ``mine``: bool [n]."""
+    out = np.zeros(len(sources), dtype=bool)
+    for col, value in enumerate(mine):
+        if value is not None:
+            out |= sources[:, col] == value
+    return out
 
 
 def key_dots(keys: np.ndarray, query: np.ndarray) -> np.ndarray:
@@ -223,7 +228,7 @@ class DemoPool:
         if select not in SHOT_SELECTS:
             raise ValueError(f"shot select must be one of {SHOT_SELECTS}, got {select!r}")
         self.task, self.toks, self.select = task, toks, select
-        self.samples, self.keys, self.sources = [], [], []
+        self.samples, self.keys, sources = [], [], []
         for s in samples:
             try:
                 key = input_key(task.to_spans(s, toks)) if select == "nearest" else None
@@ -231,7 +236,10 @@ class DemoPool:
                 continue
             self.samples.append(s)
             self.keys.append(key)
-            self.sources.append(demo_source(task, s))
+            sources.append(demo_source(task, s))
+        self.sources = np.full((len(sources), 2), None, dtype=object)  # sharing_source's rows
+        for i, pair in enumerate(sources):
+            self.sources[i] = pair
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -248,8 +256,8 @@ class DemoPool:
             return []
         if key is None:
             return []
-        src = demo_source(self.task, query)
-        keys = [None if shares_source(src, s) else key_ for key_, s in zip(self.keys, self.sources)]
+        shared = sharing_source(self.sources, demo_source(self.task, query))
+        keys = [None if no else key_ for key_, no in zip(self.keys, shared)]
         return [self.samples[i] for i in reversed(rank_nearest(key, keys, k))]
 
 
