@@ -234,16 +234,66 @@ def _train_tokenizer(lines: list[str], kind: str, vocab: int, path: Path) -> dic
     return entry
 
 
+def package_sources(path: str | os.PathLike, package: str) -> dict[str, str]:
+    """The source files a module reaches by importing: {module name: sha256 of its source}
+    of the module at ``path``, named ``package``, and of every module of its top package
+    (``unimodal`` for a recipe) that it imports, at the top or inside a function, followed
+    through their own imports.
+
+    Read statically (``ast``), so nothing is imported and a lazy import counts too."""
+    import ast
+    import importlib.util
+
+    def imported(tree: ast.AST, pkg: str) -> set[str]:
+        names: set[str] = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                names.update(a.name for a in node.names)
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:  # relative: up from this module's package
+                    up = pkg.split(".")[:len(pkg.split(".")) - node.level + 1]
+                    base = ".".join(up + ([base] if base else []))
+                names.add(base)  # ``from a import b``: b is a module or a name in a
+                names.update(f"{base}.{a.name}" for a in node.names)
+        return {n for n in names if n == root or n.startswith(root + ".")}
+
+    def find(name: str):
+        try:
+            spec = importlib.util.find_spec(name)
+        except (ImportError, ValueError):  # a name, not a module, or a parent that is not a package
+            return None
+        return spec if spec is not None and spec.origin and spec.origin.endswith(".py") else None
+
+    root = package.partition(".")[0]
+    out: dict[str, str] = {}
+    todo = [(package, Path(path))]
+    while todo:
+        name, file = todo.pop()
+        if name in out:
+            continue
+        source = file.read_bytes()
+        out[name] = hashlib.sha256(source).hexdigest()
+        pkg = name if file.name == "__init__.py" else name.rpartition(".")[0]
+        for dep in sorted(imported(ast.parse(source), pkg) - set(out)):
+            spec = find(dep)
+            if spec is not None:
+                todo.append((dep, Path(spec.origin)))
+    return out
+
+
 def recipe_fingerprint(mod: ModuleType) -> str:
-    """What a recipe's build is made by, as 16 hex digits: the recipe module's source, the
-    shard format version, the split rule, the shard and vocabulary sizes and the tokenizer
-    settings. Two builds with one fingerprint (and limit) come from the same code, so
-    ``python train.py`` reuses its demo folder only while the fingerprint is the current
+    """What a recipe's build is made by, as 16 hex digits: the recipe module's source and
+    the source of every ``unimodal`` module it imports (``package_sources``: the experts,
+    tasks, tokenizers and this module, whose change alters a build as much as the recipe's
+    own), the shard format version, the split rule, the shard and vocabulary sizes and the
+    tokenizer settings. Two builds with one fingerprint (and limit) come from the same code,
+    so ``python train.py`` reuses its demo folder only while the fingerprint is the current
     one (``unimodal.training.ensure_data``); times and package versions are left out, so
-    an unchanged recipe is never rebuilt. A module without a file (made in a test) has no
-    source to hash."""
-    source = Path(mod.__file__).read_bytes() if getattr(mod, "__file__", None) else b""
-    what = {"source": hashlib.sha256(source).hexdigest(),
+    unchanged code is never rebuilt. A module without a file (made in a test) has no source
+    to hash."""
+    file = getattr(mod, "__file__", None)
+    what = {"source": package_sources(file, mod.__name__) if file else {},
             "format_version": FORMAT_VERSION, "split_rule": split_rule(mod),
             "shards": [MAXCOUNT, MAXSIZE], "vocab": [TEXT_VOCAB, CODE_VOCAB],
             "tokenizer_settings": recipe_tokenizer_settings(mod)}

@@ -4,8 +4,10 @@ swapped in) when it is another's, and refused when the folder holds anything els
 builder is replaced by one that writes a tiny manifest, so no recipe runs."""
 from __future__ import annotations
 
+import hashlib
 import json
 import re
+from pathlib import Path
 
 import pytest
 
@@ -94,3 +96,36 @@ def test_a_folder_that_is_not_a_demo_build_is_refused_not_replaced(demo, tmp_pat
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and needle in err[0]
     assert not built and sorted(str(p) for p in folder.rglob("*")) == before
+
+
+def test_the_fingerprint_follows_the_code_the_recipe_imports(tmp_path, monkeypatch):
+    """A change to a module the recipe imports, even inside a function, is a new build."""
+    pkg = tmp_path / "fakepkg"
+    (pkg / "sub").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "sub" / "__init__.py").write_text("")
+    (pkg / "sub" / "experts.py").write_text("from . import helpers\nTORQUE = 2.0\n")
+    (pkg / "sub" / "helpers.py").write_text("SCALE = 1\n")
+    (pkg / "unused.py").write_text("X = 1\n")
+    recipe = pkg / "recipe.py"
+    recipe.write_text("import os\n\ndef samples(limit):\n    from fakepkg.sub import experts\n"
+                      "    return iter(())\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    got = shards.package_sources(recipe, "fakepkg.recipe")
+    assert sorted(got) == ["fakepkg.recipe", "fakepkg.sub", "fakepkg.sub.experts", "fakepkg.sub.helpers"]
+    before = shards.package_sources(recipe, "fakepkg.recipe")
+    (pkg / "sub" / "helpers.py").write_text("SCALE = 2\n")  # two imports away from the recipe
+    after = shards.package_sources(recipe, "fakepkg.recipe")
+    assert after["fakepkg.sub.helpers"] != before["fakepkg.sub.helpers"]
+    assert {k: v for k, v in after.items() if k != "fakepkg.sub.helpers"} == \
+        {k: v for k, v in before.items() if k != "fakepkg.sub.helpers"}
+
+
+def test_the_demo_fingerprint_covers_its_experts_and_tokenizers():
+    mod = shards.get_recipe("demo")
+    got = shards.package_sources(mod.__file__, mod.__name__)
+    from unimodal.data_pipelines import control
+    from unimodal.tokenizers import text
+    # control is imported only inside the recipe's functions
+    for m in (control, text):
+        assert got[m.__name__] == hashlib.sha256(Path(m.__file__).read_bytes()).hexdigest()
