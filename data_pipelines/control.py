@@ -247,28 +247,6 @@ def noisy_policy(env_id: str, policy: Policy, epsilon: float, seed: int = 0) -> 
     return act
 
 
-def pushed_policy(env_id: str, policy: Policy, rate: float, length: int, seed: int = 0) -> Policy:
-    """``policy``, interrupted by pushes: at each step outside a push, with probability
-    ``rate``, one uniform random action held for ``length`` steps.
-
-    A held push moves the system far from where ``policy`` keeps it (a balanced Pendulum
-    falls), so the episode shows recoveries from many states, where single noisy steps
-    (``noisy_policy``) are corrected at once. Pendulum's expert episodes spend 12% of their
-    steps swinging up; DART episodes with pushes at 0.02 a step for 10 steps, 36%."""
-    rng = np.random.default_rng(seed)
-    rand = random_policy(env_id, seed + 2)
-    push = {"left": 0, "action": None}
-
-    def act(obs):
-        if push["left"] == 0 and rng.random() < rate:
-            push["left"], push["action"] = int(length), rand(obs)
-        if push["left"] > 0:
-            push["left"] -= 1
-            return push["action"]
-        return policy(obs)
-    return act
-
-
 def make_env(env_id: str):
     import gymnasium as gym
     return gym.make(env_id)

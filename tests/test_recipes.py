@@ -192,46 +192,6 @@ def test_dart_rollout_labels_visited_states_with_the_expert():
     np.testing.assert_array_equal(act, np.stack([control.pendulum_expert(o) for o in obs]))
 
 
-def test_pushes_hold_one_random_action_then_hand_back():
-    """A push holds one random action for its length; between pushes the policy acts."""
-    calls = []
-
-    def policy(obs):
-        calls.append(obs)
-        return np.array([0.0], dtype=np.float32)
-    pushed = control.pushed_policy("Pendulum-v1", policy, rate=0.2, length=4, seed=0)
-    acts = [float(pushed(np.zeros(3, dtype=np.float32))[0]) for _ in range(200)]
-    runs, i = [], 0
-    while i < len(acts):  # lengths of the runs of one non-zero action
-        j = i
-        while j < len(acts) and acts[j] != 0.0 and acts[j] == acts[i]:
-            j += 1
-        if j > i:
-            runs.append(j - i)
-        i = max(j, i + 1)
-    assert len(runs) > 5 and all(r == 4 for r in runs[:-1])  # the last may be cut off at 200
-    assert len(calls) == acts.count(0.0)  # the policy is asked only outside a push
-    assert all(-2.0 <= a <= 2.0 for a in acts)
-
-
-def test_pushed_pendulum_episodes_swing_up_more_often():
-    """The demo's pushes knock Pendulum down, so its DART episodes show more swinging."""
-    from unimodal.data_pipelines.recipes import demo
-    expert = control.EXPERTS["Pendulum-v1"]
-    share = {}
-    for name, pushes in (("plain", None), ("pushed", demo.PUSHES["Pendulum-v1"])):
-        swing = steps = 0
-        for seed in range(6):
-            acting = control.noisy_policy("Pendulum-v1", expert, demo.EPSILON, seed=seed)
-            if pushes:
-                acting = control.pushed_policy("Pendulum-v1", acting, *pushes, seed=seed)
-            obs, act, _ = control.rollout("Pendulum-v1", acting, seed, label=expert)
-            np.testing.assert_array_equal(act, np.stack([expert(o) for o in obs]))  # still labelled
-            swing, steps = swing + int((obs[:, 0] <= 0.9).sum()), steps + len(obs)
-        share[name] = swing / steps
-    assert share["pushed"] > 1.5 * share["plain"], share
-
-
 def test_espeak_synthesis():
     from unimodal.data_pipelines.espeak import EspeakError, engine
     eng = engine()

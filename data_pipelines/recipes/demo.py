@@ -96,10 +96,6 @@ CONTEXT_LINES = 12
 EPISODES_PER_ENV = 80
 NOISY_EVERY = 2  # every 2nd episode is DART: epsilon-noisy actions, the expert's labels
 EPSILON = 0.25
-# DART episodes of these environments are also pushed: (rate, length) of held random actions
-# (control.pushed_policy). Pendulum's expert swings up once, in its first ~20 of 200 steps,
-# so windows rarely showed a swing-up, the part a model acting alone gets wrong.
-PUSHES = {"Pendulum-v1": (0.02, 10)}
 
 _STATS: dict = {}
 
@@ -585,10 +581,8 @@ def _episodes(env_id: str, limit):
             noisy = i % NOISY_EVERY == NOISY_EVERY - 1
             expert = ctl.EXPERTS[env_id]
             if noisy:  # DART: visit the states mistakes lead to, label them with the expert's action
-                acting = ctl.noisy_policy(env_id, expert, EPSILON, seed=seed)
-                if env_id in PUSHES:
-                    acting = ctl.pushed_policy(env_id, acting, *PUSHES[env_id], seed=seed)
-                obs, act, ret = ctl.rollout(env_id, acting, seed, env=env, label=expert)
+                obs, act, ret = ctl.rollout(env_id, ctl.noisy_policy(env_id, expert, EPSILON, seed=seed),
+                                            seed, env=env, label=expert)
             else:
                 obs, act, ret = ctl.rollout(env_id, expert, seed, env=env)
             policy = "dart" if noisy else "expert"
@@ -599,7 +593,6 @@ def _episodes(env_id: str, limit):
                    "obs.npy": obs, "act.npy": act,
                    "json": {"task": info.task, "env": env_id, "policy": policy,
                             "epsilon": EPSILON if noisy else 0.0, "return": round(ret, 4),
-                            **({"pushes": list(PUSHES[env_id])} if noisy and env_id in PUSHES else {}),
                             "length": int(len(obs)), "seed": seed,
                             "group": f"episode-{env_id}-{seed}"}}
     finally:
