@@ -19,7 +19,7 @@ from unimodal.data_pipelines.shards import encode_sample
 from unimodal.evaluate import (accuracy, code_bits, control_baselines, control_metrics, evaluate,
                                first_line, flat_metrics, groups, markdown_table, next_line_match,
                                normalized_return, number_bin, per_episode, rate, ratio_of_sums,
-                               run_episodes, stratified_mean, summary, translation_metrics,
+                               run_episodes, shot_gains, stratified_mean, summary, translation_metrics,
                                translation_scores, unigram_bits, unigram_counts, write_json)
 from unimodal.errors import InputError
 from unimodal.generate import Unimodal
@@ -466,3 +466,28 @@ def test_few_shot_rows_use_nested_train_demonstrations(um, tmp_path, monkeypatch
     full = evaluate(um, str(tmp_path), tasks=["text.translate.en-fr"], max_samples_per_task=2)
     assert m["shots"]["0"]["exact_match"] == full["tasks"]["text.translate.en-fr"]["exact_match"]
     assert "| text.translate.en-fr | 3 shots | 2 |" in markdown_table(res)
+    assert set(m["shot_gain"]) == {"1", "3"} and m["shot_gain"]["3"]["items"] == 2
+    assert "| text.translate.en-fr | 3 vs 0 | 2 | chrf |" in markdown_table(res)
+
+
+def test_shot_gains_are_paired_over_items():
+    """The gain of k shots over 0 pairs each item with itself: 10 items, 4 lost and none
+    gained at 3 shots is -0.4 and 'worse'; 1 shot losing one and gaining another is 0 with
+    an interval around it; a k without a 0 to compare with gives nothing."""
+    items = [f"q{i}" for i in range(10)]
+    cell = lambda hits: {"accuracy": float(np.mean(hits)), "n": {"accuracy": len(hits)},  # noqa: E731
+                         "ci95": {"accuracy": [0.0, 1.0]}, "items": items, "per_item": {"accuracy": hits}}
+    base = [1, 1, 1, 1, 1, 1, 0, 0, 0, 0]
+    shots = {"0": cell(base), "1": cell([0, 1, 1, 1, 1, 1, 1, 0, 0, 0]), "3": cell([0, 0, 0, 0, 1, 1, 0, 0, 0, 0])}
+    g = shot_gains("image.classify", shots)
+    assert g["3"]["gain"] == pytest.approx(-0.4) and g["3"]["verdict"] == "worse"
+    assert g["3"]["items"] == 10 and g["3"]["metric"] == "accuracy"
+    lo, hi = g["3"]["ci95"]
+    assert -0.8 < lo < -0.4 < hi < 0  # no resample of the 10 pairs gains
+    assert g["1"]["gain"] == pytest.approx(0.0) and g["1"]["verdict"] == "no difference"
+    # items are matched by name, not by position
+    turned = dict(shots["1"], items=items[::-1], per_item={"accuracy": shots["1"]["per_item"]["accuracy"][::-1]})
+    assert shot_gains("image.classify", {"0": shots["0"], "1": turned})["1"]["ci95"] == g["1"]["ci95"]
+    assert shot_gains("image.classify", {"1": shots["1"]}) == {}
+    table = markdown_table({"tasks": {"image.classify": {**cell(base), "shots": shots, "shot_gain": g}}})
+    assert "| image.classify | 3 vs 0 | 10 | accuracy | -0.400 [" in table and "| worse |" in table

@@ -582,6 +582,9 @@ def evaluate(model: Unimodal, shards: str, split: str = "test", tasks: Sequence[
             else:
                 results[name]["shots"] = _few_shot(model, name, by_task[name][:shot_samples], pools[name],
                                                    sorted(set(shots)), batch_size, seed, shot_select)
+            gains = shot_gains(name, results[name]["shots"])
+            if gains:
+                results[name]["shot_gain"] = gains
     finally:
         bar.close()
 
@@ -604,6 +607,20 @@ def evaluate(model: Unimodal, shards: str, split: str = "test", tasks: Sequence[
 
 
 SHOT_POOL = 5000  # train samples per task the demonstrations are chosen from
+
+
+def shot_gains(name: str, shots: dict) -> dict[str, dict]:
+    """{k: the task's headline score at k shots minus at 0} for every k > 0 in ``shots``
+    (``evaluate``'s ``shots``), paired over the items (or episodes) both scored: the
+    experiment's ``shot_gain`` over one seed, with its 95% bootstrap interval and verdict
+    ('better', 'worse', 'no difference'). Empty without a k = 0 to compare with."""
+    from unimodal.experiment import primary, shot_cell, shot_gain
+
+    if "0" not in shots:
+        return {}
+    base = shot_cell(name, shots["0"])
+    return {k: {"metric": primary(name)[0], **shot_gain(name, [base], [shot_cell(name, cell)])}
+            for k, cell in shots.items() if k != "0"}
 
 
 def _shot_task(name: str, um: Unimodal) -> bool:
@@ -837,6 +854,15 @@ def _ci(metrics: dict, metric: str) -> str:
     return "n/a" if _fmt(lo) == _fmt(hi) == "n/a" else f"[{_fmt(lo)}, {_fmt(hi)}]"
 
 
+def _gain(g: dict) -> str:
+    """'+0.012 [-0.020, +0.045]': a signed difference and its interval."""
+    if g.get("gain") is None:
+        return "n/a"
+    lo, hi = g.get("ci95") or (None, None)
+    signed = lambda v: "n/a" if v is None or not math.isfinite(v) else f"{v:+.3f}"  # noqa: E731
+    return f"{signed(g['gain'])} [{signed(lo)}, {signed(hi)}]"
+
+
 def _n(metrics: dict, metric: str) -> str:
     n = (metrics.get("n") or {}).get(metric)
     return _fmt(n if n is not None else next((metrics[c] for c in _COUNTS if c in metrics), None))
@@ -878,6 +904,10 @@ def markdown_table(results: dict) -> str:
                   _pairs(cell)] for name, m in tasks.items() for k, cell in (m.get("shots") or {}).items()]
     if shot_rows:
         lines += ["", *_table(("task", "demonstrations", "n", "metrics: value [95% CI]"), shot_rows)]
+    gain_rows = [[name, f"{k} vs 0", str(g.get("items", "n/a")), g["metric"], _gain(g), g["verdict"]]
+                 for name, m in tasks.items() for k, g in (m.get("shot_gain") or {}).items()]
+    if gain_rows:
+        lines += ["", *_table(("task", "shots", "paired items", "metric", "gain [95% CI]", "verdict"), gain_rows)]
     return "\n".join(lines) + "\n"
 
 
