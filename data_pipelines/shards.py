@@ -240,7 +240,8 @@ def package_sources(path: str | os.PathLike, package: str) -> dict[str, str]:
     (``unimodal`` for a recipe) that it imports, at the top or inside a function, followed
     through their own imports.
 
-    Read statically (``ast``), so nothing is imported and a lazy import counts too."""
+    Read statically (``ast``): an import inside a function counts too, and the modules are
+    not run (only their parent packages are imported, by ``find_spec``, to locate them)."""
     import ast
     import importlib.util
 
