@@ -491,3 +491,13 @@ def test_shot_gains_are_paired_over_items():
     assert shot_gains("image.classify", {"1": shots["1"]}) == {}
     table = markdown_table({"tasks": {"image.classify": {**cell(base), "shots": shots, "shot_gain": g}}})
     assert "| image.classify | 3 vs 0 | 10 | accuracy | -0.400 [" in table and "| worse |" in table
+
+
+def test_eval_refuses_negative_shots_in_one_line(tmp_path, capsys):
+    """Bad --shots or --shot-samples: one sentence and exit 2, before any checkpoint is read."""
+    from unimodal.cli import main
+    assert main(["eval", "--ckpt", str(tmp_path / "none.ckpt"), "--shots", "0", "-1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: --shots takes 0 or more demonstrations, not -1"]
+    assert main(["eval", "--ckpt", str(tmp_path / "none.ckpt"), "--shots", "0", "3", "--shot-samples", "0"]) == 2
+    assert "--shot-samples must be 1 or more" in capsys.readouterr().err

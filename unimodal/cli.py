@@ -291,6 +291,10 @@ def cmd_eval(argv: list[str]) -> int:
     from unimodal.errors import InputError
     from unimodal.generate import Unimodal
 
+    if any(k < 0 for k in args.shots):
+        raise InputError(f"--shots takes 0 or more demonstrations, not {min(args.shots)}")
+    if args.shot_samples < 1:
+        raise InputError(f"--shot-samples must be 1 or more, not {args.shot_samples}")
     if args.threads:
         import torch
         torch.set_num_threads(args.threads)
