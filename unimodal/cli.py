@@ -246,8 +246,8 @@ def cmd_prompt(argv: list[str]) -> int:
                 break
         if len(pool) < args.shots:
             raise InputError(f"{shards} has only {len(pool)} train samples of {args.task}")
-        shots = DemoPool(resolve_task(args.task), pool, um.toks, args.shot_select or um.shot_select).choose(sample, args.shots,
-                                                                                         seed=args.seed or 0)
+        demos = DemoPool(resolve_task(args.task), pool, um.toks, args.shot_select or um.shot_select)
+        shots = demos.choose(sample, args.shots, seed=args.seed or 0)
     answer = um.answer(args.task, sample, shots, max_new_tokens=args.max_new_tokens,
                        temperature=args.temperature, top_k=args.top_k, seed=args.seed)
     if args.json:
