@@ -20,7 +20,7 @@ from unimodal.model import Decoder, ModelConfig
 from unimodal.module import compiled_loss
 
 # the demo's model (configs/default.yaml; vocabulary and value bins as the demo data sets them)
-DEMO = dict(vocab_size=5184, n_layer=4, n_head=4, d_model=256, max_seq_len=256, value_ids=(4032, 5056))
+DEMO = dict(vocab_size=5184, n_layer=4, n_head=3, d_model=192, max_seq_len=256, value_ids=(4032, 5056))
 BATCH, SEQ = 16, 256
 
 

@@ -21,7 +21,7 @@ class ConfigError(ValueError):
 class TrainerConfig:
     """Devices, precision, parallelism and the loop's length (Lightning Trainer settings)."""
 
-    max_steps: int = 1450
+    max_steps: int = 1600
     """Optimiser steps to train for."""
     max_minutes: float | None = 12.5
     """Stop after this many minutes of training in this launch, whatever the step (None: no

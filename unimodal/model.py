@@ -68,11 +68,11 @@ class ModelConfig:
     """Size of the shared vocabulary: rows of the embedding table and of the output head."""
     n_layer: int = 4
     """Number of transformer blocks."""
-    n_head: int = 4
+    n_head: int = 3
     """Number of query heads; head size is d_model // n_head."""
     n_kv_head: int | None = None
     """Number of key/value heads (grouped-query attention); None means n_head."""
-    d_model: int = 256
+    d_model: int = 192
     """Width of the residual stream."""
     mlp_hidden: int | None = None
     """Hidden width of the SwiGLU MLP; None means the multiple of 64 at or above 8/3 d_model."""

@@ -41,7 +41,7 @@ class OptimConfig:
     """Peak learning rate."""
     min_lr_ratio: float = 0.1
     """Final learning rate as a fraction of the peak (cosine decay)."""
-    warmup_steps: int = 100
+    warmup_steps: int = 110
     """Linear warmup steps."""
     weight_decay: float = 0.1
     """Decoupled weight decay on matrices (not norms, embeddings or biases)."""
