@@ -62,7 +62,8 @@ ATTENTION_KERNELS = ("auto", "sdpa", "math", "flex")
 
 @dataclass
 class ModelConfig:
-    """Sizes and switches of the decoder. The defaults are the ~5M-parameter CPU demo."""
+    """Sizes and switches of the decoder. The defaults are the CPU demo (4 x 192, 3.86M
+    parameters with its vocabulary)."""
 
     vocab_size: int = 4096
     """Size of the shared vocabulary: rows of the embedding table and of the output head."""
