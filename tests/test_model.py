@@ -347,7 +347,7 @@ def test_tied_embeddings_counted_once():
     assert tied.num_params(non_embedding=True) == untied.num_params(non_embedding=True)
 
 
-@pytest.mark.parametrize("name, lo, hi", [("default", 4e6, 7e6), ("small", 110e6, 160e6),
+@pytest.mark.parametrize("name, lo, hi", [("default", 3e6, 5e6), ("small", 110e6, 160e6),
                                           ("base", 300e6, 420e6), ("1b", 0.9e9, 1.2e9)])
 def test_preset_sizes(name, lo, hi):
     with torch.device("meta"):

@@ -45,7 +45,7 @@ def test_help_works_from_the_root_and_hf_tokenizers_is_not_shadowed():
     (["--config", "does/not/exist.yaml"], "does not exist"),
     (["--data.shards", "/nonexistent/shards"], "no shards at"),
     (["--ckpt_path", "/nonexistent.ckpt"], "does not exist"),
-    (["--model.n_head", "3"], "not divisible by n_head 3"),
+    (["--model.n_head", "5"], "d_model 192 is not divisible by n_head 5"),
     (["--model.attention", "flash"], "attention must be one of auto, sdpa, math, flex"),
     (["--model.attention", "flex"], "trains on CUDA only"),
     (["--trainer.nonfinite_stop", "-3"], "trainer.nonfinite_stop must be >= 0, got -3"),
